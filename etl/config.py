@@ -1,0 +1,298 @@
+"""Reading the TOML configuration into frozen dataclasses.
+
+The file is found by `--config`, else `TASK_ETL_CONFIG`, else
+`./task-etl.toml`. Every key is checked: an unknown key, a wrong type or a
+missing required key stops with a `ConfigError` naming the key and the file.
+Tokens may come from the environment so that they stay out of the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from etl.errors import ConfigError
+
+DEFAULT_PATH = "task-etl.toml"
+PATH_ENV = "TASK_ETL_CONFIG"
+TOKEN_ENV = "TASK_ETL_TOKEN"
+DATABASE_ENV = "TASK_ETL_DATABASE_URL"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Paths of the read endpoints; `{user_id}` is the main account."""
+
+    task_list: str = "/agent-api/user/{user_id}/task"
+    sub_account_list: str = "/agent-api/user/{user_id}/subset_users"
+
+    def allowed(self) -> tuple[str, ...]:
+        return (self.task_list, self.sub_account_list)
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    base_url: str
+    token: str = field(repr=False)
+    timezone: str = "Asia/Shanghai"
+    page_size: int = 100
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_retries: int = 5
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    retry_after_max: float = 120.0
+    requests_per_second: float = 10.0
+    parallelism: int = 4
+    max_pages: int = 10_000
+    ca_bundle: str | None = None
+    endpoints: Endpoints = Endpoints()
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+@dataclass(frozen=True)
+class MainAccount:
+    """A main account and how to find its sub-accounts."""
+
+    user_id: str
+    name: str = ""
+    token: str = field(default="", repr=False)
+    sync_own_tasks: bool = True
+    sub_accounts: tuple[str, ...] = ()
+    discover_sub_accounts: bool = False
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = "sqlite:///task-etl.db"
+    busy_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Config:
+    database: DatabaseConfig
+    api: ApiConfig
+    accounts: tuple[MainAccount, ...]
+    path: str = ""
+
+    def token_for(self, user_id: str) -> str:
+        """The token of a main account: its own if it has one, else the shared."""
+        for account in self.accounts:
+            if account.user_id == user_id and account.token:
+                return account.token
+        return self.api.token
+
+
+def resolve_path(option: str | None) -> Path:
+    """The config path: the option, else the environment, else the default."""
+    return Path(option or os.environ.get(PATH_ENV) or DEFAULT_PATH)
+
+
+def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the file; raise `ConfigError` on any problem."""
+    environ = os.environ if environ is None else environ
+    path = Path(path)
+    try:
+        with path.open("rb") as file:
+            document = tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(
+            "file not found (give --config or set TASK_ETL_CONFIG)", path=str(path)
+        ) from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read: {exc}", path=str(path)) from None
+    return parse(document, str(path), environ)
+
+
+def parse(
+    document: Mapping[str, Any], path: str, environ: Mapping[str, str]
+) -> Config:
+    """Build a `Config` from an already decoded TOML document."""
+    reader = _Reader(document, path, "")
+    reader.check_keys({"database", "api", "accounts"})
+
+    database = _read_database(reader.table("database"), environ)
+    api = _read_api(reader.table("api"), environ)
+    accounts = tuple(
+        _read_account(item, environ) for item in reader.tables("accounts")
+    )
+    if not accounts:
+        raise ConfigError("at least one [[accounts]] entry is required",
+                          key="accounts", path=path)
+    _check_tokens(api, accounts, path)
+    return Config(database=database, api=api, accounts=accounts, path=path)
+
+
+def _read_database(reader: _Reader, environ: Mapping[str, str]) -> DatabaseConfig:
+    reader.check_keys({"url", "busy_timeout"})
+    default = DatabaseConfig()
+    url = environ.get(DATABASE_ENV) or reader.get("url", str, default.url)
+    return DatabaseConfig(
+        url=url,
+        busy_timeout=reader.positive("busy_timeout", default.busy_timeout),
+    )
+
+
+def _read_api(reader: _Reader, environ: Mapping[str, str]) -> ApiConfig:
+    reader.check_keys(
+        {"base_url", "token", "timezone", "page_size", "connect_timeout",
+         "read_timeout", "max_retries", "backoff_initial", "backoff_max",
+         "retry_after_max", "requests_per_second", "parallelism", "max_pages",
+         "ca_bundle", "endpoints"}
+    )
+    base_url = reader.require("base_url", str).rstrip("/")
+    if not base_url.startswith(("http://", "https://")):
+        reader.fail("base_url", "must start with http:// or https://")
+    timezone = reader.get("timezone", str, "Asia/Shanghai")
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        reader.fail("timezone", f"unknown time zone {timezone!r}")
+
+    d = ApiConfig(base_url="", token="")
+    return ApiConfig(
+        base_url=base_url,
+        token=environ.get(TOKEN_ENV) or reader.get("token", str, ""),
+        timezone=timezone,
+        page_size=reader.count("page_size", d.page_size),
+        connect_timeout=reader.positive("connect_timeout", d.connect_timeout),
+        read_timeout=reader.positive("read_timeout", d.read_timeout),
+        max_retries=reader.count("max_retries", d.max_retries, minimum=0),
+        backoff_initial=reader.positive("backoff_initial", d.backoff_initial),
+        backoff_max=reader.positive("backoff_max", d.backoff_max),
+        retry_after_max=reader.positive("retry_after_max", d.retry_after_max),
+        requests_per_second=reader.positive(
+            "requests_per_second", d.requests_per_second
+        ),
+        parallelism=reader.count("parallelism", d.parallelism),
+        max_pages=reader.count("max_pages", d.max_pages),
+        ca_bundle=reader.get("ca_bundle", str, None),
+        endpoints=_read_endpoints(reader.table("endpoints")),
+    )
+
+
+def _read_endpoints(reader: _Reader) -> Endpoints:
+    reader.check_keys({"task_list", "sub_account_list"})
+    d = Endpoints()
+    endpoints = Endpoints(
+        task_list=reader.get("task_list", str, d.task_list),
+        sub_account_list=reader.get("sub_account_list", str, d.sub_account_list),
+    )
+    for key in ("task_list", "sub_account_list"):
+        value = getattr(endpoints, key)
+        if not value.startswith("/") or "{user_id}" not in value:
+            reader.fail(key, "must start with / and contain {user_id}")
+    return endpoints
+
+
+def _read_account(reader: _Reader, environ: Mapping[str, str]) -> MainAccount:
+    reader.check_keys(
+        {"user_id", "name", "token", "token_env", "sync_own_tasks",
+         "sub_accounts", "discover_sub_accounts"}
+    )
+    user_id = reader.require("user_id", str).strip()
+    if not user_id:
+        reader.fail("user_id", "must not be empty")
+    token_env = reader.get("token_env", str, None)
+    token = (environ.get(token_env, "") if token_env else "") or reader.get(
+        "token", str, ""
+    )
+    sub_accounts = reader.get("sub_accounts", list, [])
+    if not all(isinstance(item, str) and item.strip() for item in sub_accounts):
+        reader.fail("sub_accounts", "must be a list of non-empty strings")
+    return MainAccount(
+        user_id=user_id,
+        name=reader.get("name", str, ""),
+        token=token,
+        sync_own_tasks=reader.get("sync_own_tasks", bool, True),
+        sub_accounts=tuple(dict.fromkeys(item.strip() for item in sub_accounts)),
+        discover_sub_accounts=reader.get("discover_sub_accounts", bool, False),
+    )
+
+
+def _check_tokens(
+    api: ApiConfig, accounts: tuple[MainAccount, ...], path: str
+) -> None:
+    for index, account in enumerate(accounts):
+        if not (account.token or api.token):
+            raise ConfigError(
+                f"no token for account {account.user_id}: set api.token, "
+                f"the account's token or token_env, or {TOKEN_ENV}",
+                key=f"accounts[{index}].token",
+                path=path,
+            )
+
+
+class _Reader:
+    """One TOML table, with the dotted key prefix used in error messages."""
+
+    def __init__(self, table: Mapping[str, Any], path: str, prefix: str) -> None:
+        self._table = table
+        self._path = path
+        self._prefix = prefix
+
+    def fail(self, key: str, message: str) -> None:
+        raise ConfigError(message, key=self._prefix + key, path=self._path)
+
+    def check_keys(self, known: set[str]) -> None:
+        for key in self._table:
+            if key not in known:
+                expected = ", ".join(sorted(known))
+                self.fail(key, f"unknown key (expected one of: {expected})")
+
+    def get(self, key: str, kind: type[T], default: Any) -> Any:
+        if key not in self._table:
+            return default
+        value = self._table[key]
+        # TOML has no null, and a bool is an int to Python: check exactly.
+        if kind is float and type(value) is int:
+            value = float(value)
+        if type(value) is not kind:
+            self.fail(key, f"expected {_kind_name(kind)}, got {_kind_name(type(value))}")
+        return value
+
+    def require(self, key: str, kind: type[T]) -> Any:
+        if key not in self._table:
+            self.fail(key, "required key is missing")
+        return self.get(key, kind, None)
+
+    def positive(self, key: str, default: float) -> float:
+        value = float(self.get(key, float, default))
+        if value <= 0:
+            self.fail(key, "must be greater than 0")
+        return value
+
+    def count(self, key: str, default: int, minimum: int = 1) -> int:
+        value = int(self.get(key, int, default))
+        if value < minimum:
+            self.fail(key, f"must be at least {minimum}")
+        return value
+
+    def table(self, key: str) -> _Reader:
+        value = self.get(key, dict, {})
+        return _Reader(value, self._path, f"{self._prefix}{key}.")
+
+    def tables(self, key: str) -> list[_Reader]:
+        items = self.get(key, list, [])
+        readers = []
+        for index, item in enumerate(items):
+            if not isinstance(item, dict):
+                self.fail(f"{key}[{index}]", "expected a table")
+            readers.append(_Reader(item, self._path, f"{self._prefix}{key}[{index}]."))
+        return readers
+
+
+def _kind_name(kind: type) -> str:
+    names = {str: "a string", int: "an integer", float: "a number",
+             bool: "true or false", list: "a list", dict: "a table"}
+    return names.get(kind, kind.__name__)

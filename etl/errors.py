@@ -1,0 +1,102 @@
+"""The error tree: every failure the product expects, said in one line.
+
+Each error names where it happened (account, endpoint, page, HTTP status) so
+that an operator can act on the message alone. None of them ever carries a
+token or a callback URL: messages are built from our own fields, never from
+a request URL or a response body.
+"""
+
+from __future__ import annotations
+
+
+class EtlError(Exception):
+    """Root of every error the product raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(EtlError):
+    """The configuration file or environment is unusable."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, key: str | None = None, path: str = "") -> None:
+        self.key = key
+        self.path = path
+        where = f"{path}: " if path else ""
+        what = f"{key}: " if key else ""
+        super().__init__(f"{where}{what}{message}")
+
+
+class ApiError(EtlError):
+    """A call to the platform failed; says which account, endpoint and page."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        account: str = "",
+        endpoint: str = "",
+        page: int | None = None,
+        status: int | None = None,
+    ) -> None:
+        self.account = account
+        self.endpoint = endpoint
+        self.page = page
+        self.status = status
+        self.reason = message
+        super().__init__(self._describe(message))
+
+    def _describe(self, message: str) -> str:
+        parts = []
+        if self.account:
+            parts.append(f"account {self.account}")
+        if self.endpoint:
+            parts.append(f"endpoint {self.endpoint}")
+        if self.page is not None:
+            parts.append(f"page {self.page}")
+        if self.status is not None:
+            parts.append(f"HTTP {self.status}")
+        where = ", ".join(parts)
+        return f"{where}: {message}" if where else message
+
+
+class RetryableApiError(ApiError):
+    """Plausibly transient: a timeout, a reset connection, 429 or 5xx."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        account: str = "",
+        endpoint: str = "",
+        page: int | None = None,
+        status: int | None = None,
+    ) -> None:
+        self.retry_after = retry_after
+        super().__init__(
+            message, account=account, endpoint=endpoint, page=page, status=status
+        )
+
+
+class FatalApiError(ApiError):
+    """Retrying will not help: a 4xx, a refused envelope, a forbidden path."""
+
+
+class PageLimitError(FatalApiError):
+    """A walk went past the hard page cap instead of looping for ever."""
+
+
+class StoreError(EtlError):
+    """The database refused a write or is not at the expected schema."""
+
+
+class LockBusyError(EtlError):
+    """Another process holds the lock on an account."""
+
+    exit_code = 3
+
+
+class RunInterrupted(EtlError):
+    """A stop was requested (signal or deadline) while a run was going."""

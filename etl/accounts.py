@@ -21,4 +21,6 @@ class Account:
     @property
     def label(self) -> str:
         """How logs and messages name the account: `user` or `user:sub`."""
-        return f"{self.user_id}:{self.sub_user_id}" if self.sub_user_id else self.user_id
+        return (
+            f"{self.user_id}:{self.sub_user_id}" if self.sub_user_id else self.user_id
+        )

@@ -114,21 +114,18 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     return parse(document, str(path), environ)
 
 
-def parse(
-    document: Mapping[str, Any], path: str, environ: Mapping[str, str]
-) -> Config:
+def parse(document: Mapping[str, Any], path: str, environ: Mapping[str, str]) -> Config:
     """Build a `Config` from an already decoded TOML document."""
     reader = _Reader(document, path, "")
     reader.check_keys({"database", "api", "accounts"})
 
     database = _read_database(reader.table("database"), environ)
     api = _read_api(reader.table("api"), environ)
-    accounts = tuple(
-        _read_account(item, environ) for item in reader.tables("accounts")
-    )
+    accounts = tuple(_read_account(item, environ) for item in reader.tables("accounts"))
     if not accounts:
-        raise ConfigError("at least one [[accounts]] entry is required",
-                          key="accounts", path=path)
+        raise ConfigError(
+            "at least one [[accounts]] entry is required", key="accounts", path=path
+        )
     _check_tokens(api, accounts, path)
     return Config(database=database, api=api, accounts=accounts, path=path)
 
@@ -145,10 +142,23 @@ def _read_database(reader: _Reader, environ: Mapping[str, str]) -> DatabaseConfi
 
 def _read_api(reader: _Reader, environ: Mapping[str, str]) -> ApiConfig:
     reader.check_keys(
-        {"base_url", "token", "timezone", "page_size", "connect_timeout",
-         "read_timeout", "max_retries", "backoff_initial", "backoff_max",
-         "retry_after_max", "requests_per_second", "parallelism", "max_pages",
-         "ca_bundle", "endpoints"}
+        {
+            "base_url",
+            "token",
+            "timezone",
+            "page_size",
+            "connect_timeout",
+            "read_timeout",
+            "max_retries",
+            "backoff_initial",
+            "backoff_max",
+            "retry_after_max",
+            "requests_per_second",
+            "parallelism",
+            "max_pages",
+            "ca_bundle",
+            "endpoints",
+        }
     )
     base_url = reader.require("base_url", str).rstrip("/")
     if not base_url.startswith(("http://", "https://")):
@@ -197,8 +207,15 @@ def _read_endpoints(reader: _Reader) -> Endpoints:
 
 def _read_account(reader: _Reader, environ: Mapping[str, str]) -> MainAccount:
     reader.check_keys(
-        {"user_id", "name", "token", "token_env", "sync_own_tasks",
-         "sub_accounts", "discover_sub_accounts"}
+        {
+            "user_id",
+            "name",
+            "token",
+            "token_env",
+            "sync_own_tasks",
+            "sub_accounts",
+            "discover_sub_accounts",
+        }
     )
     user_id = reader.require("user_id", str).strip()
     if not user_id:
@@ -220,9 +237,7 @@ def _read_account(reader: _Reader, environ: Mapping[str, str]) -> MainAccount:
     )
 
 
-def _check_tokens(
-    api: ApiConfig, accounts: tuple[MainAccount, ...], path: str
-) -> None:
+def _check_tokens(api: ApiConfig, accounts: tuple[MainAccount, ...], path: str) -> None:
     for index, account in enumerate(accounts):
         if not (account.token or api.token):
             raise ConfigError(
@@ -258,7 +273,9 @@ class _Reader:
         if kind is float and type(value) is int:
             value = float(value)
         if type(value) is not kind:
-            self.fail(key, f"expected {_kind_name(kind)}, got {_kind_name(type(value))}")
+            self.fail(
+                key, f"expected {_kind_name(kind)}, got {_kind_name(type(value))}"
+            )
         return value
 
     def require(self, key: str, kind: type[T]) -> Any:
@@ -293,6 +310,12 @@ class _Reader:
 
 
 def _kind_name(kind: type) -> str:
-    names = {str: "a string", int: "an integer", float: "a number",
-             bool: "true or false", list: "a list", dict: "a table"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        list: "a list",
+        dict: "a table",
+    }
     return names.get(kind, kind.__name__)

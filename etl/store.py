@@ -1,0 +1,461 @@
+"""Writing pages of task records, one transaction per page.
+
+A page costs one read of the stored state of its tasks, then set-based
+writes of only what changed: an upsert of groups, an upsert of new and
+changed tasks, and one insert of status changes. Unchanged tasks are not
+written at all, which is what keeps a re-sync close to the cost of fetching.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Insert,
+    Table,
+    create_engine,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+
+from etl.accounts import Account
+from etl.config import DatabaseConfig
+from etl.errors import StoreError
+from etl.models import groups, sync_rejects, task_status_changes, tasks
+from etl.parse import TaskRecord
+
+log = logging.getLogger(__name__)
+
+# SQLite before 3.32 allowed 999 bound variables per statement; later 32766.
+SQLITE_MAX_VARIABLES = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
+POSTGRESQL_MAX_VARIABLES = 65535
+
+# A row of _STORED; SQLAlchemy's Row generics add nothing readable here.
+StoredRow = Any
+
+_STORED = (
+    tasks.c.uuid,
+    tasks.c.status,
+    tasks.c.status_str,
+    tasks.c.content_hash,
+    tasks.c.removed_at,
+    tasks.c.status_seen_at,
+)
+
+
+@dataclass(frozen=True)
+class Reject:
+    reason: str
+    item: Any
+
+
+@dataclass(frozen=True)
+class PageBatch:
+    """One fetched page, parsed: what the store writes in one transaction."""
+
+    account: Account
+    endpoint: str
+    number: int
+    fetched_at: datetime
+    records: Sequence[TaskRecord]
+    rejects: Sequence[Reject] = ()
+
+
+@dataclass
+class PageCounts:
+    seen: int = 0
+    new: int = 0
+    changed: int = 0
+    restored: int = 0
+    removed: int = 0
+    status_changes: int = 0
+    rejected: int = 0
+    bad_values: int = 0
+
+    def add(self, other: PageCounts) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class _Plan:
+    """What one page will write, decided from the stored rows."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    changes: list[dict[str, Any]] = field(default_factory=list)
+    counts: PageCounts = field(default_factory=PageCounts)
+
+
+def connect(database: DatabaseConfig) -> Engine:
+    """An engine for the configured database, tuned per dialect."""
+    try:
+        engine = create_engine(database.url, pool_pre_ping=True)
+    except (SQLAlchemyError, ValueError, ImportError) as exc:
+        raise StoreError(f"database.url: cannot use it: {exc}") from None
+    if engine.dialect.name == "sqlite":
+        _tune_sqlite(engine, database.busy_timeout)
+    return engine
+
+
+def _tune_sqlite(engine: Engine, busy_timeout: float) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the driver, decide where transactions begin.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        # A page reads before it writes; taking the write lock up front means
+        # a second writer waits for the busy timeout instead of failing on
+        # the upgrade from a read lock.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def write_page(
+    engine: Engine, run_id: int, batch: PageBatch, previous_complete: datetime | None
+) -> PageCounts:
+    """Store one page in one transaction and say what changed."""
+    records = _deduplicate(batch.records)
+    try:
+        with engine.begin() as connection:
+            stored = _read_stored(connection, [record.uuid for record in records])
+            plan = _plan(run_id, batch, records, stored, previous_complete)
+            _upsert_groups(connection, records, batch.fetched_at)
+            _upsert_tasks(connection, plan.rows)
+            _insert(connection, task_status_changes, plan.changes)
+            _insert_rejects(connection, run_id, batch)
+    except SQLAlchemyError as exc:
+        raise StoreError(
+            f"account {batch.account.label}, endpoint {batch.endpoint}, page "
+            f"{batch.number}: the page was not written: {_first_line(exc)}"
+        ) from exc
+
+    plan.counts.seen = len(batch.records)
+    plan.counts.rejected = len(batch.rejects)
+    plan.counts.bad_values = sum(len(record.bad_fields) for record in records)
+    return plan.counts
+
+
+def _deduplicate(records: Iterable[TaskRecord]) -> list[TaskRecord]:
+    """One record per uuid, the last one listed winning."""
+    return list({record.uuid: record for record in records}.values())
+
+
+def _read_stored(connection: Connection, uuids: list[str]) -> dict[str, StoredRow]:
+    stored: dict[str, StoredRow] = {}
+    for chunk in _chunks(uuids, _rows_per_statement(connection, 1)):
+        query = select(*_STORED).where(tasks.c.uuid.in_(chunk))
+        stored.update((row.uuid, row) for row in connection.execute(query))
+    return stored
+
+
+def _plan(
+    run_id: int,
+    batch: PageBatch,
+    records: list[TaskRecord],
+    stored: dict[str, StoredRow],
+    previous_complete: datetime | None,
+) -> _Plan:
+    plan = _Plan()
+    now = batch.fetched_at
+    for record in records:
+        old = stored.get(record.uuid)
+        if old is None:
+            plan.counts.new += 1
+            plan.rows.append(_task_row(record, now, status_seen_at=now))
+            plan.changes.append(_change(run_id, record, "first_seen", None, now))
+        elif old.removed_at is not None:
+            plan.counts.restored += 1
+            plan.rows.append(_task_row(record, now, status_seen_at=now))
+            plan.changes.append(
+                _change(run_id, record, "restored", None, now, old.removed_at)
+            )
+        elif old.content_hash != record.content_hash:
+            plan.counts.changed += 1
+            status_changed = old.status != record.status
+            seen_at = now if status_changed else old.status_seen_at
+            plan.rows.append(_task_row(record, now, status_seen_at=seen_at))
+            if status_changed:
+                last_seen = _latest(old.status_seen_at, previous_complete)
+                plan.changes.append(
+                    _change(run_id, record, "changed", old, now, last_seen)
+                )
+    plan.counts.status_changes = len(plan.changes)
+    return plan
+
+
+def _task_row(
+    record: TaskRecord, now: datetime, *, status_seen_at: datetime
+) -> dict[str, Any]:
+    return {
+        "uuid": record.uuid,
+        "user_id": record.user_id,
+        "sub_user_id": record.sub_user_id,
+        "name": record.name,
+        "status": record.status,
+        "status_str": record.status_str,
+        "created_at": record.created_at,
+        "altered_at": record.altered_at,
+        "maximumcall": record.maximumcall,
+        "dial_time_id": record.dial_time_id,
+        "destination_extension": record.destination_extension,
+        "caller_line_id": record.caller_line_id,
+        "bridge_group_id": record.bridge_group_id,
+        "group_id": record.group_id,
+        "enable": record.enable,
+        "remark": record.remark,
+        "raw": record.raw,
+        "content_hash": record.content_hash,
+        "first_seen_at": now,
+        "last_changed_at": now,
+        "status_seen_at": status_seen_at,
+        "removed_at": None,
+    }
+
+
+def _change(
+    run_id: int,
+    record: TaskRecord,
+    event_name: str,
+    old: StoredRow | None,
+    observed_at: datetime,
+    old_seen_at: datetime | None = None,
+) -> dict[str, Any]:
+    return {
+        "task_uuid": record.uuid,
+        "run_id": run_id,
+        "event": event_name,
+        "old_status": old.status if old is not None else None,
+        "old_status_str": old.status_str if old is not None else None,
+        "new_status": record.status,
+        "new_status_str": record.status_str,
+        "old_seen_at": old_seen_at,
+        "observed_at": observed_at,
+    }
+
+
+def _latest(*moments: datetime | None) -> datetime | None:
+    known = [moment for moment in moments if moment is not None]
+    return max(known) if known else None
+
+
+def _upsert_groups(
+    connection: Connection, records: list[TaskRecord], now: datetime
+) -> None:
+    found = {r.group.id: r.group for r in records if r.group is not None}
+    rows = [
+        {"id": g.id, "name": g.name, "first_seen_at": now, "last_changed_at": now}
+        for g in found.values()
+    ]
+    if not rows:
+        return
+    statement = _insert_statement(connection, groups)
+    excluded = statement.excluded
+    statement = statement.on_conflict_do_update(
+        index_elements=[groups.c.id],
+        set_={"name": excluded.name, "last_changed_at": excluded.last_changed_at},
+        where=groups.c.name.is_distinct_from(excluded.name),
+    )
+    _execute_chunked(connection, statement, rows, len(groups.c))
+
+
+def _upsert_tasks(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    statement = _insert_statement(connection, tasks)
+    excluded = statement.excluded
+    kept = {"uuid", "first_seen_at"}
+    statement = statement.on_conflict_do_update(
+        index_elements=[tasks.c.uuid],
+        set_={c.name: excluded[c.name] for c in tasks.c if c.name not in kept},
+        # Repeats the planner's decision in SQL, so a row another writer
+        # changed meanwhile is still compared, not blindly overwritten.
+        where=tasks.c.content_hash.is_distinct_from(excluded.content_hash)
+        | tasks.c.removed_at.is_not(None),
+    )
+    _execute_chunked(connection, statement, rows, len(tasks.c))
+
+
+def _insert_rejects(connection: Connection, run_id: int, batch: PageBatch) -> None:
+    rows = [
+        {
+            "run_id": run_id,
+            "user_id": batch.account.user_id,
+            "sub_user_id": batch.account.sub_user_id,
+            "endpoint": batch.endpoint,
+            "page": batch.number,
+            "reason": reject.reason,
+            "item": reject.item,
+            "rejected_at": batch.fetched_at,
+        }
+        for reject in batch.rejects
+    ]
+    _insert(connection, sync_rejects, rows)
+
+
+def _insert(connection: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        _execute_chunked(connection, insert(table), rows, len(rows[0]))
+
+
+def _insert_statement(connection: Connection, table: Table) -> Any:
+    """The dialect's own INSERT, which knows ON CONFLICT."""
+    if connection.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    if connection.dialect.name == "sqlite":
+        return sqlite.insert(table)
+    raise StoreError(f"unsupported database: {connection.dialect.name}")
+
+
+def _execute_chunked(
+    connection: Connection,
+    statement: Insert,
+    rows: list[dict[str, Any]],
+    columns: int,
+) -> None:
+    for chunk in _chunks(rows, _rows_per_statement(connection, columns)):
+        connection.execute(statement, chunk)
+
+
+def _rows_per_statement(connection: Connection, columns: int) -> int:
+    limit = (
+        SQLITE_MAX_VARIABLES
+        if connection.dialect.name == "sqlite"
+        else POSTGRESQL_MAX_VARIABLES
+    )
+    return max(1, limit // max(1, columns))
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def mark_removals(
+    engine: Engine,
+    run_id: int,
+    account: Account,
+    seen: set[str],
+    observed_at: datetime,
+    previous_complete: datetime | None,
+) -> int:
+    """Mark removed the account's listed tasks that a complete walk missed."""
+    owned = (tasks.c.user_id == account.user_id) & (
+        tasks.c.sub_user_id == account.sub_user_id
+    )
+    with engine.begin() as connection:
+        listed = connection.execute(
+            select(*_STORED).where(owned, tasks.c.removed_at.is_(None))
+        ).all()
+        gone = [row for row in listed if row.uuid not in seen]
+        for chunk in _chunks(gone, _rows_per_statement(connection, 1)):
+            connection.execute(
+                update(tasks)
+                .where(tasks.c.uuid.in_([row.uuid for row in chunk]))
+                .values(removed_at=observed_at, last_changed_at=observed_at)
+            )
+        _insert(
+            connection,
+            task_status_changes,
+            [_removal(run_id, row, observed_at, previous_complete) for row in gone],
+        )
+    for row in gone:
+        log.info("task %s of account %s removed", row.uuid, account.label)
+    return len(gone)
+
+
+def _removal(
+    run_id: int,
+    row: StoredRow,
+    observed_at: datetime,
+    previous_complete: datetime | None,
+) -> dict[str, Any]:
+    return {
+        "task_uuid": row.uuid,
+        "run_id": run_id,
+        "event": "removed",
+        "old_status": row.status,
+        "old_status_str": row.status_str,
+        "new_status": None,
+        "new_status_str": None,
+        "old_seen_at": _latest(row.status_seen_at, previous_complete),
+        "observed_at": observed_at,
+    }
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def _alembic_config() -> Any:
+    from alembic.config import Config as AlembicConfig
+
+    # The revisions ship as the package etl.migrations (see pyproject.toml).
+    scripts = importlib.import_module("etl.migrations").__path__[0]
+    config = AlembicConfig()
+    config.set_main_option("script_location", scripts)
+    return config
+
+
+def migrate(engine: Engine) -> tuple[str | None, str]:
+    """Bring the database to the current schema; return (before, after)."""
+    from alembic import command
+
+    config = _alembic_config()
+    before = schema_revision(engine)
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+    except SQLAlchemyError as exc:
+        raise StoreError(f"migration failed: {_first_line(exc)}") from exc
+    after = schema_revision(engine)
+    if before != after:
+        log.info("database migrated from %s to %s", before or "empty", after)
+    return before, after or ""
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    return head or ""
+
+
+def schema_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    except SQLAlchemyError as exc:
+        raise StoreError(f"cannot open the database: {_first_line(exc)}") from exc
+
+
+def check_schema(engine: Engine) -> None:
+    """Refuse to sync into a database that is not at the current schema."""
+    current, head = schema_revision(engine), head_revision()
+    if current != head:
+        raise StoreError(
+            f"the database is at schema {current or 'none'}, not {head}: "
+            "run `task-etl migrate` first"
+        )

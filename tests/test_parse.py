@@ -1,0 +1,204 @@
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from etl.accounts import Account
+from etl.parse import (
+    REDACTED,
+    GroupRecord,
+    RejectedItem,
+    parse_task,
+    status_label,
+    to_int,
+    to_utc,
+)
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+ACCOUNT = Account("main-1", "sub-1")
+
+CLASSIC = {
+    "uuid": "0a1fd4ea-3bb6-4511-8-1c7931a22d55",
+    "name": "0616",
+    "create_datetime": "2020-06-16 16:33:28",
+    "maximumcall": 1,
+    "dial_time_id": 1505,
+    "status": 2,
+    "status_str": "执行中",
+    "destination_extension": 5,
+    "caller_line_id": "a62bdf07-df18-0f-07b411df4b6e",
+    "bridge_group_id": 3,
+    "group": {"id": 1, "name": "话术组1"},
+}
+
+
+def parse(**changes: object) -> object:
+    return parse_task({**CLASSIC, **changes}, ACCOUNT, SHANGHAI)
+
+
+def test_classic_example_becomes_a_typed_record() -> None:
+    record = parse_task(CLASSIC, ACCOUNT, SHANGHAI)
+
+    assert record.uuid == "0a1fd4ea-3bb6-4511-8-1c7931a22d55"
+    assert (record.user_id, record.sub_user_id) == ("main-1", "sub-1")
+    assert record.created_at == datetime(2020, 6, 16, 8, 33, 28, tzinfo=UTC)
+    assert (record.status, record.status_str) == (2, "执行中")
+    assert record.dial_time_id == "1505"
+    assert record.destination_extension == "5"
+    assert record.bridge_group_id == "3"
+    assert record.group == GroupRecord(id="1", name="话术组1")
+    assert record.raw == CLASSIC
+    assert record.bad_fields == ()
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "expected"),
+    [
+        ({"status": "2"}, "status", 2),
+        ({"maximumcall": "1"}, "maximumcall", 1),
+        ({"maximumcall": " 7 "}, "maximumcall", 7),
+        ({"maximumcall": 3.0}, "maximumcall", 3),
+        ({"maximumcall": ""}, "maximumcall", None),
+        ({"maximumcall": None}, "maximumcall", None),
+        ({"destination_extension": "5"}, "destination_extension", "5"),
+        ({"destination_extension": ""}, "destination_extension", None),
+        ({"group": None}, "group", None),
+        ({"group": {}}, "group", None),
+        ({"group": {"name": "no id"}}, "group", None),
+        ({"remark": ""}, "remark", None),
+        ({"enable": True}, "enable", True),
+        ({"enable": "0"}, "enable", False),
+        ({"alter_datetime": None}, "altered_at", None),
+        (
+            {"create_datetime": "2020-06-16 16:33"},
+            "created_at",
+            datetime(2020, 6, 16, 8, 33, tzinfo=UTC),
+        ),
+        ({"name": "a\x00b"}, "name", "ab"),
+    ],
+    ids=[
+        "status-string",
+        "maximumcall-string",
+        "padded-string",
+        "integral-float",
+        "empty-is-null",
+        "null",
+        "extension-string",
+        "extension-empty",
+        "group-null",
+        "group-empty",
+        "group-without-id",
+        "remark-empty",
+        "enable-bool",
+        "enable-digit",
+        "alter-null",
+        "minutes-only",
+        "nul-stripped",
+    ],
+)
+def test_values_are_coerced_or_null(
+    changes: dict, field: str, expected: object
+) -> None:
+    assert getattr(parse(**changes), field) == expected
+
+
+def test_missing_group_key_is_no_group() -> None:
+    item = {key: value for key, value in CLASSIC.items() if key != "group"}
+
+    assert parse_task(item, ACCOUNT, SHANGHAI).group is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "raw_key"),
+    [
+        ({"create_datetime": "0000-00-00 00:00:00"}, "created_at", "create_datetime"),
+        ({"create_datetime": "2022-11-00"}, "created_at", "create_datetime"),
+        ({"create_datetime": "9:30"}, "created_at", "create_datetime"),
+        ({"alter_datetime": 20200101}, "altered_at", "alter_datetime"),
+        ({"maximumcall": "many"}, "maximumcall", "maximumcall"),
+        ({"maximumcall": True}, "maximumcall", "maximumcall"),
+        ({"status": "running"}, "status", "status"),
+    ],
+    ids=[
+        "zero-date",
+        "day-zero",
+        "time-only",
+        "number-as-date",
+        "word",
+        "bool",
+        "status-word",
+    ],
+)
+def test_unreadable_values_become_null_and_are_counted(
+    changes: dict, field: str, raw_key: str
+) -> None:
+    record = parse(**changes)
+
+    assert getattr(record, field) is None
+    assert record.bad_fields == (raw_key,)
+    assert record.raw[raw_key] == changes[raw_key]
+
+
+@pytest.mark.parametrize(
+    ("item", "reason"),
+    [
+        ({**CLASSIC, "uuid": None}, "uuid is empty or null"),
+        ({**CLASSIC, "uuid": ""}, "uuid is empty or null"),
+        ({**CLASSIC, "uuid": {"x": 1}}, "uuid is empty or null"),
+        ({k: v for k, v in CLASSIC.items() if k != "uuid"}, "uuid is missing"),
+        (["not", "an", "object"], "item is list, not an object"),
+    ],
+    ids=["null", "empty", "object", "missing", "not-an-object"],
+)
+def test_item_without_usable_uuid_is_rejected(item: object, reason: str) -> None:
+    with pytest.raises(RejectedItem, match=reason):
+        parse_task(item, ACCOUNT, SHANGHAI)
+
+
+def test_numeric_uuid_is_kept_as_text() -> None:
+    assert parse(uuid=12345).uuid == "12345"
+
+
+def test_status_outside_known_codes_is_kept_and_labelled_unknown() -> None:
+    record = parse(status=7, status_str="新状态")
+
+    assert (record.status, record.status_str) == (7, "新状态")
+    assert status_label(record.status) == "unknown"
+    assert [status_label(code) for code in (1, 2, 3)] == [
+        "paused",
+        "running",
+        "waiting",
+    ]
+
+
+def test_callback_url_is_redacted_in_the_payload() -> None:
+    record = parse(call_notify_url="http://10.0.0.5/cb?key=secret")
+
+    assert record.raw["call_notify_url"] == REDACTED
+    assert "secret" not in str(record.raw)
+
+
+def test_nul_is_stripped_inside_the_payload_too() -> None:
+    record = parse(name="x\x00y", remark="r\x00")
+
+    assert record.raw["name"] == "xy"
+    assert record.remark == "r"
+
+
+def test_content_hash_follows_content_only() -> None:
+    same = parse_task(dict(CLASSIC), Account("other", ""), SHANGHAI)
+
+    assert parse().content_hash == same.content_hash
+    assert parse(status=1).content_hash != same.content_hash
+
+
+def test_times_convert_from_the_configured_zone() -> None:
+    assert to_utc("2026-03-08 12:00:00", ZoneInfo("America/New_York")) == datetime(
+        2026, 3, 8, 16, 0, tzinfo=UTC
+    )
+
+
+@pytest.mark.parametrize("value", ["1.5", "1e3", "0x10", [], {}], ids=str)
+def test_to_int_refuses_what_is_not_an_integer(value: object) -> None:
+    with pytest.raises(ValueError):
+        to_int(value)

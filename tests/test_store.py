@@ -1,0 +1,218 @@
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from sqlalchemy import Engine, select
+
+from etl import runs, store
+from etl.accounts import Account
+from etl.config import DatabaseConfig
+from etl.models import groups, sync_rejects, task_status_changes, tasks
+from etl.parse import parse_task
+from etl.store import PageBatch, Reject
+
+ACCOUNT = Account("main-1", "sub-1")
+T0 = datetime(2026, 1, 5, 1, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = store.connect(DatabaseConfig(url=db_url))
+    store.migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+def item(uuid: str, status: int = 2, **extra: Any) -> dict[str, Any]:
+    return {
+        "uuid": uuid,
+        "name": f"task {uuid}",
+        "status": status,
+        "status_str": {1: "暂停中", 2: "执行中", 3: "等待执行"}.get(status, "?"),
+        "create_datetime": "2026-01-05 09:00:00",
+        "group": {"id": 1, "name": "话术组1"},
+        **extra,
+    }
+
+
+def batch(items: list[dict[str, Any]], at: datetime = T0, number: int = 1) -> PageBatch:
+    zone = ZoneInfo("Asia/Shanghai")
+    return PageBatch(
+        account=ACCOUNT,
+        endpoint="/agent-api/user/{user_id}/task",
+        number=number,
+        fetched_at=at,
+        records=[parse_task(i, ACCOUNT, zone) for i in items],
+    )
+
+
+def write(engine: Engine, items: list[dict[str, Any]], at: datetime = T0) -> Any:
+    run_id = runs.start_run(engine, "sync")
+    return store.write_page(engine, run_id, batch(items, at), None)
+
+
+def history(engine: Engine, uuid: str) -> list[tuple[Any, ...]]:
+    query = (
+        select(
+            task_status_changes.c.event,
+            task_status_changes.c.old_status,
+            task_status_changes.c.new_status,
+        )
+        .where(task_status_changes.c.task_uuid == uuid)
+        .order_by(task_status_changes.c.id)
+    )
+    with engine.connect() as connection:
+        return [tuple(row) for row in connection.execute(query)]
+
+
+def task_row(engine: Engine, uuid: str) -> Any:
+    with engine.connect() as connection:
+        return connection.execute(select(tasks).where(tasks.c.uuid == uuid)).one()
+
+
+def test_first_sighting_writes_the_task_and_one_history_row(engine: Engine) -> None:
+    counts = write(engine, [item("a"), item("b", 1)])
+
+    assert (counts.new, counts.changed, counts.status_changes) == (2, 0, 2)
+    assert history(engine, "a") == [("first_seen", None, 2)]
+    row = task_row(engine, "a")
+    assert row.first_seen_at == T0
+    assert row.created_at == datetime(2026, 1, 5, 1, 0, tzinfo=UTC)
+    assert row.group_id == "1"
+
+
+def test_unchanged_page_writes_nothing(engine: Engine) -> None:
+    write(engine, [item("a"), item("b")])
+
+    counts = write(engine, [item("a"), item("b")], T0 + timedelta(hours=1))
+
+    assert (counts.new, counts.changed, counts.status_changes) == (0, 0, 0)
+    assert task_row(engine, "a").last_changed_at == T0
+
+
+def test_status_change_records_old_and_new_and_when_old_was_seen(
+    engine: Engine,
+) -> None:
+    write(engine, [item("a", 2)])
+    later = T0 + timedelta(hours=2)
+
+    counts = write(engine, [item("a", 1)], later)
+
+    assert (counts.changed, counts.status_changes) == (1, 1)
+    assert history(engine, "a") == [("first_seen", None, 2), ("changed", 2, 1)]
+    with engine.connect() as connection:
+        change = connection.execute(
+            select(task_status_changes).where(task_status_changes.c.event == "changed")
+        ).one()
+    assert (change.old_seen_at, change.observed_at) == (T0, later)
+    assert task_row(engine, "a").status_seen_at == later
+
+
+def test_content_change_without_status_change_writes_no_history(
+    engine: Engine,
+) -> None:
+    write(engine, [item("a")])
+
+    counts = write(engine, [item("a", name="renamed")], T0 + timedelta(hours=1))
+
+    assert (counts.changed, counts.status_changes) == (1, 0)
+    assert task_row(engine, "a").name == "renamed"
+    assert task_row(engine, "a").status_seen_at == T0
+
+
+def test_duplicates_in_a_page_collapse_to_the_last(engine: Engine) -> None:
+    counts = write(engine, [item("a", 2), item("a", 3), item("b")])
+
+    assert counts.new == 2
+    assert task_row(engine, "a").status == 3
+    assert history(engine, "a") == [("first_seen", None, 3)]
+
+
+def test_removal_and_restore_both_show_in_history(engine: Engine) -> None:
+    write(engine, [item("a"), item("b")])
+    run_id = runs.start_run(engine, "sync")
+    gone_at = T0 + timedelta(hours=1)
+
+    removed = store.mark_removals(engine, run_id, ACCOUNT, {"a"}, gone_at, T0)
+    counts = write(engine, [item("a"), item("b")], T0 + timedelta(hours=2))
+
+    assert removed == 1
+    assert counts.restored == 1
+    assert history(engine, "b") == [
+        ("first_seen", None, 2),
+        ("removed", 2, None),
+        ("restored", None, 2),
+    ]
+    assert task_row(engine, "b").removed_at is None
+    assert task_row(engine, "a").removed_at is None
+
+
+def test_removal_touches_only_the_account_walked(engine: Engine) -> None:
+    write(engine, [item("a")])
+    run_id = runs.start_run(engine, "sync")
+
+    removed = store.mark_removals(
+        engine, run_id, Account("main-1", "other"), set(), T0, None
+    )
+
+    assert removed == 0
+    assert task_row(engine, "a").removed_at is None
+
+
+def test_text_is_stored_whole_and_without_nul(engine: Engine) -> None:
+    name, remark = "名" * 300, "r" * 70_000
+
+    write(engine, [item("a", name=name + "\x00", remark=remark)])
+
+    row = task_row(engine, "a")
+    assert (row.name, row.remark) == (name, remark)
+    assert row.raw["remark"] == remark
+
+
+def test_large_page_is_chunked_under_the_variable_limit(engine: Engine) -> None:
+    items = [item(f"t{n:05}", 1 + n % 3) for n in range(3_000)]
+
+    counts = write(engine, items)
+
+    assert counts.new == 3_000
+    with engine.connect() as connection:
+        stored = connection.execute(select(tasks.c.uuid)).scalars().all()
+    assert len(stored) == 3_000
+
+
+def test_group_name_follows_the_platform(engine: Engine) -> None:
+    write(engine, [item("a")])
+    write(engine, [item("a", group={"id": 1, "name": "新名字"})], T0 + timedelta(1))
+
+    with engine.connect() as connection:
+        rows = connection.execute(select(groups.c.id, groups.c.name)).all()
+    assert [tuple(r) for r in rows] == [("1", "新名字")]
+
+
+def test_rejects_are_stored_with_the_page(engine: Engine) -> None:
+    run_id = runs.start_run(engine, "sync")
+    page = PageBatch(
+        account=ACCOUNT,
+        endpoint="/agent-api/user/{user_id}/task",
+        number=3,
+        fetched_at=T0,
+        records=[],
+        rejects=[Reject("uuid is missing", {"name": "x"})],
+    )
+
+    counts = store.write_page(engine, run_id, page, None)
+
+    assert counts.rejected == 1
+    with engine.connect() as connection:
+        row = connection.execute(select(sync_rejects)).one()
+    assert (row.page, row.reason, row.item) == (3, "uuid is missing", {"name": "x"})
+
+
+def test_sync_refuses_a_database_not_at_the_current_schema(db_url: str) -> None:
+    engine = store.connect(DatabaseConfig(url=db_url))
+
+    with pytest.raises(store.StoreError, match="run `task-etl migrate` first"):
+        store.check_schema(engine)
+    engine.dispose()

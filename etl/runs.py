@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 from dataclasses import asdict
+from typing import Any
 from datetime import UTC, datetime
 
 from sqlalchemy import ColumnElement, Engine, func, select, update
@@ -184,7 +185,7 @@ def _key(account: Account) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
     )
 
 
-def latest_runs(engine: Engine, limit: int = 10) -> list[dict[str, object]]:
+def latest_runs(engine: Engine, limit: int = 10) -> list[dict[str, Any]]:
     with engine.connect() as connection:
         rows = connection.execute(
             select(sync_runs).order_by(sync_runs.c.id.desc()).limit(limit)

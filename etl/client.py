@@ -1,0 +1,681 @@
+"""The HTTP session with the platform: one checked call, and walks over pages.
+
+`Client.get_envelope` makes one call to an allow-listed read endpoint, under
+the shared rate limit, retrying what is plausibly transient and refusing any
+body that is not the documented envelope (API.md §2). `Client.walk_tasks` and
+`Client.walk_sub_accounts` read a list page by page and always end, however
+the platform paginates (API.md §7); the returned `Walk` says afterwards
+whether the pages added up to a complete, consistent list.
+
+Nothing here logs or raises a token, a URL with its query, or an item of a
+body: those may hold secrets or customers' callback URLs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from etl.accounts import Account
+from etl.config import ApiConfig
+from etl.errors import ApiError, FatalApiError, PageLimitError, RetryableApiError
+
+log = logging.getLogger(__name__)
+
+TASK_STATUSES = (1, 2, 3)
+MESSAGE_LIMIT = 200
+_URL = re.compile(r"[a-z][a-z0-9+.-]*://\S*", re.IGNORECASE)
+_DIGITS = re.compile(r"[0-9]+")
+
+
+class RateLimiter:
+    """A token bucket holding one token, refilled `per_second` times a second.
+
+    A bucket of one allows no burst, so no window of any length ever holds
+    more requests than the rate allows (plus the one in hand). Slots are
+    handed out under a lock and slept for outside it, so threads queue fairly.
+    """
+
+    def __init__(
+        self,
+        per_second: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if per_second <= 0:
+            raise ValueError("per_second must be greater than 0")
+        self._interval = 1.0 / per_second
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._next_slot = -math.inf
+
+    def acquire(self) -> None:
+        with self._lock:
+            now = self._clock()
+            slot = max(now, self._next_slot)
+            self._next_slot = slot + self._interval
+        if slot > now:
+            self._sleep(slot - now)
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a list as received; items and body stay out of its repr."""
+
+    account: Account
+    endpoint: str
+    number: int
+    items: tuple[dict[str, Any], ...] = field(repr=False)
+    total: int | None
+    last_page: int | None
+    per_page: int | None
+    fetched_at: datetime
+    body: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Where a call goes, to name it in errors and logs."""
+
+    account: Account
+    endpoint: str
+    page: int | None
+
+    def fatal(self, message: str, status: int | None = None) -> FatalApiError:
+        return FatalApiError(
+            message,
+            account=self.account.label,
+            endpoint=self.endpoint,
+            page=self.page,
+            status=status,
+        )
+
+    def retryable(
+        self, message: str, status: int | None = None, retry_after: float | None = None
+    ) -> RetryableApiError:
+        return RetryableApiError(
+            message,
+            retry_after=retry_after,
+            account=self.account.label,
+            endpoint=self.endpoint,
+            page=self.page,
+            status=status,
+        )
+
+
+class _BearerAuth(requests.auth.AuthBase):
+    """Sets the Bearer header; being an auth object, it also stops requests
+    from replacing that header with credentials found in a .netrc file."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        return request
+
+    def __repr__(self) -> str:
+        return "_BearerAuth(***)"
+
+
+class Client:
+    """Calls the platform for several threads at once; close it when done."""
+
+    def __init__(
+        self,
+        api: ApiConfig,
+        tokens: Mapping[str, str] | None = None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        self.api = api
+        self._tokens = dict(tokens or {})
+        self._secrets = tuple({api.token, *self._tokens.values()} - {""})
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._limiter = limiter or RateLimiter(api.requests_per_second, sleep=sleep)
+        self._session = _open_session(api)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._session.close()
+
+    def walk_tasks(
+        self,
+        account: Account,
+        *,
+        name: str | None = None,
+        statuses: Sequence[int] = (),
+    ) -> Walk:
+        """The task list of one account, optionally filtered."""
+        endpoint = self.api.endpoints.task_list
+        unknown = [s for s in statuses if isinstance(s, bool) or s not in TASK_STATUSES]
+        if unknown:
+            # The platform ignores a status filter holding an unknown code and
+            # returns every task (API.md §3): refuse rather than mislead.
+            raise _Call(account, endpoint, None).fatal(
+                f"unknown task status {unknown}: "
+                "use 1 (paused), 2 (running) or 3 (waiting)"
+            )
+
+        filters: dict[str, Any] = {}
+        if name is not None:
+            filters["name"] = name
+        if statuses:
+            filters["status"] = list(statuses)
+        return Walk(self, account, endpoint, filters, key="uuid")
+
+    def walk_sub_accounts(self, user_id: str) -> Walk:
+        """The sub-account list of a main account."""
+        endpoint = self.api.endpoints.sub_account_list
+        return Walk(self, Account(user_id), endpoint, {}, key="id")
+
+    def get_envelope(
+        self,
+        endpoint: str,
+        account: Account,
+        params: Mapping[str, Any],
+        *,
+        page: int | None,
+    ) -> tuple[dict[str, Any], bytes]:
+        """One checked call: the decoded envelope and the body as received."""
+        call = _Call(account, endpoint, page)
+        if endpoint not in self.api.endpoints.allowed():
+            # Some mutating operations are GETs too (API.md §1).
+            raise call.fatal("not an allow-listed read endpoint; refusing to call it")
+        user_id = quote(account.user_id, safe="")
+        url = self.api.base_url + endpoint.replace("{user_id}", user_id)
+        query = {**params, **_paging(account, page)}
+        auth = _BearerAuth(self._token_for(call))
+
+        attempt = 0
+        while True:
+            try:
+                return self._request(call, url, query, auth)
+            except RetryableApiError as error:
+                if attempt >= self.api.max_retries:
+                    raise call.retryable(
+                        f"{error.reason}; gave up after {attempt + 1} tries",
+                        error.status,
+                        error.retry_after,
+                    ) from None
+                self._wait_to_retry(error, attempt)
+            attempt += 1
+
+    def _token_for(self, call: _Call) -> str:
+        token = self._tokens.get(call.account.user_id) or self.api.token
+        if not token:
+            raise call.fatal("no token is configured for this account")
+        return token
+
+    def _request(
+        self, call: _Call, url: str, query: dict[str, Any], auth: _BearerAuth
+    ) -> tuple[dict[str, Any], bytes]:
+        self._limiter.acquire()
+        started = time.monotonic()
+        try:
+            response = self._session.get(
+                url,
+                params=query,
+                auth=auth,
+                timeout=(self.api.connect_timeout, self.api.read_timeout),
+                verify=self.api.ca_bundle or True,
+                # A redirect could lead off the allow-list: follow none.
+                allow_redirects=False,
+            )
+        except requests.RequestException as exc:
+            _log_request(call, None, started)
+            # requests' own message holds the full URL with its query.
+            raise _network_error(call, exc) from None
+        _log_request(call, response.status_code, started)
+
+        self._check_status(call, response)
+        return self._check_envelope(call, response), response.content
+
+    def _check_status(self, call: _Call, response: requests.Response) -> None:
+        status = response.status_code
+        if status in (401, 403):
+            raise call.fatal(
+                "the platform refused the token; check api.token or the account's"
+                f" token{self._said(response)}",
+                status,
+            )
+        if status == 429 or status >= 500:
+            reason = "asked us to slow down" if status == 429 else "failed"
+            raise call.retryable(
+                f"the platform {reason}", status, _retry_after(response)
+            )
+        if status >= 400:
+            raise call.fatal(
+                f"the platform rejected the request{self._said(response)}", status
+            )
+        if status >= 300:
+            raise call.fatal(
+                "the platform redirected the request; redirects are not followed"
+                " so that only allow-listed endpoints are called (check"
+                " api.base_url)",
+                status,
+            )
+
+    def _check_envelope(
+        self, call: _Call, response: requests.Response
+    ) -> dict[str, Any]:
+        status = response.status_code
+        try:
+            envelope = json.loads(response.content)
+        except (ValueError, RecursionError):
+            raise call.retryable(
+                "the body is not JSON or is cut short", status
+            ) from None
+        if not isinstance(envelope, dict):
+            raise call.fatal(
+                f"the body is a JSON {_kind(envelope)}, not an object", status
+            )
+
+        code = _whole_number(envelope.get("code"))
+        said = self._message_of(envelope)
+        if code == 429 or (code is not None and code >= 500):
+            raise call.retryable(
+                f"the envelope says code {code}{said}", status, _retry_after(response)
+            )
+        if code != 200 or envelope.get("status") != "success":
+            refused = "the platform refused the token; " if code in (401, 403) else ""
+            raise call.fatal(
+                f"{refused}the envelope says code {self._quote(envelope.get('code'))},"
+                f" status {self._quote(envelope.get('status'))}{said}",
+                status,
+            )
+        return envelope
+
+    def _said(self, response: requests.Response) -> str:
+        """The server's `message` from an error body, when it is JSON."""
+        try:
+            body = json.loads(response.content)
+        except (ValueError, RecursionError):
+            return ""
+        return self._message_of(body) if isinstance(body, dict) else ""
+
+    def _message_of(self, body: dict[str, Any]) -> str:
+        if "message" not in body:
+            return ""
+        return f": {self._quote(body['message'])}"
+
+    def _quote(self, value: object) -> str:
+        """A value from a body, fit for a message: no token, no URL, short."""
+        if value is None or isinstance(value, bool | int | float):
+            return json.dumps(value)
+        if not isinstance(value, str):
+            return f"<a JSON {_kind(value)}>"
+        for secret in self._secrets:
+            value = value.replace(secret, "***")
+        value = _URL.sub("<url>", value)
+        if len(value) > MESSAGE_LIMIT:
+            value = value[:MESSAGE_LIMIT] + "..."
+        return repr(value)
+
+    def _wait_to_retry(self, error: RetryableApiError, attempt: int) -> None:
+        if error.retry_after is not None:
+            delay = min(error.retry_after, self.api.retry_after_max)
+        else:
+            # Exponential backoff with full jitter, so that threads retrying
+            # together spread out; the exponent is bounded to stay a float.
+            ceiling = self.api.backoff_initial * 2 ** min(attempt, 60)
+            delay = self._rng.uniform(0, min(ceiling, self.api.backoff_max))
+        log.warning(
+            "%s; retry %d of %d in %.2f s",
+            error,
+            attempt + 1,
+            self.api.max_retries,
+            delay,
+        )
+        self._sleep(delay)
+
+
+class Walk:
+    """The pages of one list, yielded as they arrive; iterate it once.
+
+    After exhaustion, `is_complete` is True only when the walk ended normally
+    and the pages agreed with each other and with the advertised total: only
+    such a walk may be trusted to show which tasks are gone.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        account: Account,
+        endpoint: str,
+        filters: Mapping[str, Any],
+        *,
+        key: str,
+    ) -> None:
+        self.account = account
+        self.endpoint = endpoint
+        self.pages = 0
+        self.items = 0
+        self.is_complete = False
+        self.warnings: list[str] = []
+        self._client = client
+        self._page_size = client.api.page_size
+        self._params = {"per_page": self._page_size, **filters}
+        self._key = key
+        self._is_started = False
+        self._is_consistent = True
+        self._has_stopped_early = False
+        self._has_relied_on_lengths = False
+        # What the platform advertised, kept across pages that omit meta.
+        self._total: int | None = None
+        self._last_page: int | None = None
+        self._per_page: int | None = None
+        self._largest = 0
+        self._previous: tuple[str, ...] = ()
+
+    def __iter__(self) -> Iterator[Page]:
+        if self._is_started:
+            raise RuntimeError("a walk can be iterated only once")
+        self._is_started = True
+        return self._read()
+
+    def _read(self) -> Iterator[Page]:
+        number = 1
+        while True:
+            page, length = self._fetch(number)
+            self.pages += 1
+            self.items += len(page.items)
+            is_last = self._is_last(page, length)
+            yield page
+            if is_last:
+                break
+            number += 1
+
+        self._check_count()
+        self.is_complete = self._is_consistent
+
+    def _fetch(self, number: int) -> tuple[Page, int]:
+        """A page and the length of its `data`, objects or not."""
+        call = _Call(self.account, self.endpoint, number)
+        if number > self._client.api.max_pages:
+            raise PageLimitError(
+                f"page {number} is past api.max_pages"
+                f" ({self._client.api.max_pages}); the walk was stopped",
+                account=self.account.label,
+                endpoint=self.endpoint,
+                page=number,
+            )
+        envelope, body = self._client.get_envelope(
+            self.endpoint, self.account, self._params, page=number
+        )
+        fetched_at = datetime.now(UTC)
+
+        data = envelope.get("data")
+        if data is None:
+            data = []
+        if not isinstance(data, list):
+            raise call.fatal(f"data is a JSON {_kind(data)}, not a list")
+        items = tuple(item for item in data if isinstance(item, dict))
+        if len(items) < len(data):
+            skipped = len(data) - len(items)
+            self._warn(f"page {number}: {skipped} item(s) not objects; skipped")
+            self._is_consistent = False
+
+        total, last_page, per_page = self._read_meta(envelope.get("meta"), number)
+        page = Page(
+            account=self.account,
+            endpoint=self.endpoint,
+            number=number,
+            items=items,
+            total=total,
+            last_page=last_page,
+            per_page=per_page,
+            fetched_at=fetched_at,
+            body=body,
+        )
+        return page, len(data)
+
+    def _read_meta(
+        self, meta: object, number: int
+    ) -> tuple[int | None, int | None, int | None]:
+        if meta is None:
+            return None, None, None
+        if not isinstance(meta, dict):
+            self._warn(f"page {number}: meta is a JSON {_kind(meta)}; ignored")
+            return None, None, None
+        return (
+            self._meta_number(meta, "total", number),
+            self._meta_number(meta, "last_page", number),
+            self._meta_number(meta, "per_page", number),
+        )
+
+    def _meta_number(self, meta: dict[str, Any], name: str, number: int) -> int | None:
+        # Numbers come as ints or as strings, and "" means no value (API.md §7).
+        value = meta.get(name)
+        if value is None or value == "":
+            return None
+        coerced = _whole_number(value)
+        if coerced is None:
+            self._warn(
+                f"page {number}: meta.{name} is a JSON {_kind(value)} that is not"
+                " a whole number; ignored"
+            )
+        return coerced
+
+    def _is_last(self, page: Page, length: int) -> bool:
+        self._remember_meta(page)
+        if self._repeats_previous(page):
+            return True
+        largest_before = self._largest
+        self._largest = max(self._largest, length)
+
+        last_page = self._known_last_page()
+        if last_page is None:
+            return self._ends_by_length(length, largest_before)
+        if page.number >= last_page:
+            return True
+        if length == 0:
+            counts = f"{self.items} items read"
+            if self._total is not None:
+                counts = f"total {self._total} but {counts}"
+            self._stop_early(f"page {page.number} of {last_page} is empty; {counts}")
+            return True
+        return False
+
+    def _remember_meta(self, page: Page) -> None:
+        if page.total is not None:
+            if self._total is None:
+                self._total = page.total
+            elif page.total != self._total:
+                self._warn(
+                    f"page {page.number} reports total {page.total}, an earlier"
+                    f" page reported {self._total}; the list changed during the walk"
+                )
+                self._is_consistent = False
+
+        if page.last_page is not None:
+            if self._last_page is None:
+                self._last_page = page.last_page
+            elif page.last_page != self._last_page:
+                self._warn(
+                    f"page {page.number} reports last_page {page.last_page}, an"
+                    f" earlier page reported {self._last_page}"
+                )
+                self._is_consistent = False
+                # Read on to the furthest page ever advertised: never stop early.
+                self._last_page = max(self._last_page, page.last_page)
+
+        if page.per_page:
+            self._per_page = page.per_page
+
+    def _repeats_previous(self, page: Page) -> bool:
+        keys = tuple(sorted(self._identity(item) for item in page.items))
+        previous, self._previous = self._previous, keys
+        if keys and keys == previous:
+            self._stop_early(
+                f"page {page.number} holds the same {len(keys)} items as page"
+                f" {page.number - 1}; the platform seems to ignore `page`"
+            )
+            return True
+
+        # The sort order is undocumented: an item inserted while we walk
+        # pushes the last item of one page onto the next (API.md §6).
+        shared = len(set(keys) & set(previous))
+        if shared:
+            self._warn(
+                f"page {page.number} shares {shared} item(s) with page"
+                f" {page.number - 1}; the list shifted during the walk"
+            )
+            self._is_consistent = False
+        return False
+
+    def _identity(self, item: dict[str, Any]) -> str:
+        value = item.get(self._key)
+        if value is None or value == "":
+            return json.dumps(item, sort_keys=True, default=str)
+        return f"{self._key}={value}"
+
+    def _known_last_page(self) -> int | None:
+        if self._last_page is not None:
+            return self._last_page
+        if self._total is None:
+            return None
+        # A server may cap per_page below what we asked (API.md §2), so the
+        # longest page seen beats the requested size when meta omits it.
+        per_page = self._per_page or self._largest or self._page_size
+        return math.ceil(self._total / per_page)
+
+    def _ends_by_length(self, length: int, largest_before: int) -> bool:
+        if not self._has_relied_on_lengths:
+            self._has_relied_on_lengths = True
+            self._warn(
+                "no last_page or total advertised; the walk relies on page"
+                " lengths to find the end"
+            )
+        # A capped per_page makes every page short of what we asked, so only
+        # an empty page or one shorter than an earlier page marks the end.
+        return length == 0 or length < largest_before
+
+    def _check_count(self) -> None:
+        if self._has_stopped_early or self._total is None:
+            return
+        if self.items != self._total:
+            self._warn(
+                f"total {self._total} but {self.items} items read; the list"
+                " changed during the walk"
+            )
+            self._is_consistent = False
+
+    def _stop_early(self, message: str) -> None:
+        self._warn(message)
+        self._is_consistent = False
+        self._has_stopped_early = True
+
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+        log.warning(
+            "account %s, endpoint %s: %s", self.account.label, self.endpoint, message
+        )
+
+
+def _open_session(api: ApiConfig) -> requests.Session:
+    session = requests.Session()
+    # Walks of several accounts share the client: keep a live connection each.
+    adapter = HTTPAdapter(pool_maxsize=max(api.parallelism, 1), max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    session.headers.update(
+        {"Content-Type": "application/json", "Accept": "application/json"}
+    )
+    return session
+
+
+def _paging(account: Account, page: int | None) -> dict[str, Any]:
+    query: dict[str, Any] = {}
+    if page is not None:
+        query["page"] = page
+    if not account.is_main:
+        query["sub_user_id"] = account.sub_user_id
+    return query
+
+
+def _network_error(call: _Call, exc: requests.RequestException) -> ApiError:
+    name = type(exc).__name__
+    if isinstance(exc, requests.exceptions.SSLError):
+        return call.fatal(f"TLS failed ({name}); check api.ca_bundle")
+    if isinstance(exc, requests.Timeout):
+        return call.retryable(f"no answer in time ({name})")
+    transient = (
+        requests.ConnectionError,
+        requests.exceptions.ChunkedEncodingError,
+        requests.exceptions.ContentDecodingError,
+    )
+    if isinstance(exc, transient):
+        return call.retryable(f"the connection failed ({name})")
+    return call.fatal(f"the request could not be sent ({name})")
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    """Seconds to wait from `Retry-After`, RFC 9110 §10.2.3: delay-seconds or
+    an HTTP-date; None when absent or unreadable, so backoff applies."""
+    value = response.headers.get("Retry-After", "").strip()
+    if _DIGITS.fullmatch(value):
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    # A date already past means "now".
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _whole_number(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+        return int(value.strip())
+    return None
+
+
+def _kind(value: object) -> str:
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean"}
+    if value is None:
+        return "null"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return "number"
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _log_request(call: _Call, status: int | None, started: float) -> None:
+    elapsed = (time.monotonic() - started) * 1000
+    log.debug(
+        "account %s, endpoint %s, page %s: %s in %.0f ms",
+        call.account.label,
+        call.endpoint,
+        call.page,
+        f"HTTP {status}" if status is not None else "no response",
+        elapsed,
+    )

@@ -1,0 +1,789 @@
+"""The client against small scripted HTTP servers on loopback.
+
+Each server answers from a script (status, headers, body, delay) and records
+what it was asked. Only clocks and sleeps are faked: sleeps are recorded
+instead of slept, so retries cost no time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from etl.accounts import Account
+from etl.client import Client, RateLimiter
+from etl.config import ApiConfig
+from etl.errors import FatalApiError, PageLimitError, RetryableApiError
+
+pytestmark = pytest.mark.timeout(15)
+
+TOKEN = "tok-5ecret-0123456789"
+CALLBACK = "http://10.9.8.7:8080/hooks/calls?key=private-hook-key"
+TASKS = "/agent-api/user/{user_id}/task"
+MAIN = Account("u1")
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    length: int | None = None  # a Content-Length to claim, to cut the body short
+
+
+@dataclass
+class Seen:
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+
+    @property
+    def page(self) -> int:
+        return int(self.query["page"][0])
+
+
+class Platform:
+    """What the scripted server answers, and what it was asked."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.requests: list[Seen] = []
+        self.lock = threading.Lock()
+        self.respond: Callable[[Seen], Reply] = lambda seen: Reply(500)
+
+    def script(self, *replies: Reply) -> None:
+        """Answer with these replies in order, then with HTTP 500."""
+        queue = list(replies)
+        self.respond = lambda seen: queue.pop(0) if queue else Reply(500)
+
+    def serve_pages(self, bodies: Sequence[bytes]) -> None:
+        """Answer page n with bodies[n - 1], and pages past them empty."""
+
+        def respond(seen: Seen) -> Reply:
+            number = seen.page
+            if number <= len(bodies):
+                return Reply(body=bodies[number - 1])
+            return Reply(body=envelope([]))
+
+        self.respond = respond
+
+
+def _handler(platform: Platform) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # answer at once, not after a delayed ACK
+
+        def do_GET(self) -> None:
+            url = urlsplit(self.path)
+            headers = {name.lower(): value for name, value in self.headers.items()}
+            seen = Seen(url.path, parse_qs(url.query), headers)
+            with platform.lock:
+                platform.requests.append(seen)
+                reply = platform.respond(seen)
+            time.sleep(reply.delay)
+            try:
+                self._send(reply)
+            except OSError:
+                pass  # the client stopped waiting: a timeout test
+
+        def _send(self, reply: Reply) -> None:
+            self.send_response(reply.status)
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            length = len(reply.body) if reply.length is None else reply.length
+            self.send_header("Content-Length", str(length))
+            if reply.length is not None:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            self.wfile.write(reply.body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Test traffic stays on loopback even where a proxy is configured.
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def platform() -> Iterator[Platform]:
+    fake = Platform()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
+    server.daemon_threads = True
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    fake.url = f"http://127.0.0.1:{server.server_port}"
+    yield fake
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture
+def sleeps() -> list[float]:
+    return []
+
+
+@pytest.fixture
+def connect(platform: Platform, sleeps: list[float]) -> Iterator[Callable[..., Client]]:
+    """Makes clients of the scripted platform; closes them afterwards."""
+    clients: list[Client] = []
+
+    def make(tokens: dict[str, str] | None = None, **overrides: Any) -> Client:
+        settings: dict[str, Any] = {
+            "base_url": platform.url,
+            "token": TOKEN,
+            "connect_timeout": 2.0,
+            "read_timeout": 2.0,
+            "max_retries": 2,
+            "backoff_initial": 0.5,
+            "backoff_max": 4.0,
+            "retry_after_max": 60.0,
+            "max_pages": 50,
+        }
+        settings.update(overrides)
+        client = Client(
+            ApiConfig(**settings),
+            tokens,
+            sleep=sleeps.append,
+            rng=random.Random(7),
+            limiter=RateLimiter(10_000),
+        )
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def envelope(data: Any, meta: Any = None, **fields: Any) -> bytes:
+    body: dict[str, Any] = {"code": 200, "status": "success", "message": "成功"}
+    body["data"] = data
+    if meta is not None:
+        body["meta"] = meta
+    body.update(fields)
+    return json.dumps(body, ensure_ascii=False).encode()
+
+
+def task(number: int) -> dict[str, Any]:
+    return {
+        "uuid": f"task-{number}",
+        "name": f"任务{number}",
+        "status": 2,
+        "call_notify_url": CALLBACK,
+    }
+
+
+def page(numbers: range | None, meta: dict[str, Any] | None = None) -> bytes:
+    data = None if numbers is None else [task(n) for n in numbers]
+    return envelope(data, meta)
+
+
+def meta(total: Any, last_page: Any = None, per_page: Any = "15") -> dict[str, Any]:
+    return {
+        "has_pages": True,
+        "total": total,
+        "last_page": last_page,
+        "current_page": 1,
+        "per_page": per_page,
+    }
+
+
+def get(client: Client, account: Account = MAIN) -> dict[str, Any]:
+    envelope, _ = client.get_envelope(TASKS, account, {"per_page": 5}, page=1)
+    return envelope
+
+
+# Requests
+
+
+def test_sends_bearer_token_and_json_content_type(platform, connect):
+    platform.script(Reply(body=envelope([task(1)])))
+
+    assert get(connect())["data"] == [task(1)]
+
+    [seen] = platform.requests
+    assert seen.headers["authorization"] == f"Bearer {TOKEN}"
+    assert seen.headers["content-type"] == "application/json"
+    assert seen.path == "/agent-api/user/u1/task"
+    assert seen.query == {"per_page": ["5"], "page": ["1"]}
+
+
+def test_uses_the_token_of_the_main_account_when_one_is_given(platform, connect):
+    platform.script(Reply(body=envelope([])), Reply(body=envelope([])))
+    client = connect(tokens={"u2": "tok-of-u2"})
+
+    get(client, Account("u2", "s9"))
+    get(client, MAIN)
+
+    assert [seen.headers["authorization"] for seen in platform.requests] == [
+        "Bearer tok-of-u2",
+        f"Bearer {TOKEN}",
+    ]
+
+
+def test_adds_sub_user_id_and_quotes_user_id(platform, connect):
+    platform.script(Reply(body=envelope([])))
+
+    get(connect(), Account("a b/c", "sub-7"))
+
+    [seen] = platform.requests
+    assert seen.path == "/agent-api/user/a%20b%2Fc/task"
+    assert seen.query["sub_user_id"] == ["sub-7"]
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "/agent-api/user/{user_id}/task_stop/42",
+        "/agent-api/new/user/{user_id}/copy/task/42",
+        "/agent-api/user/{user_id}/task/../task_stop/42",
+    ],
+    ids=["pause-task", "copy-task", "dot-dot"],
+)
+def test_refuses_an_endpoint_off_the_allow_list_without_calling(
+    platform, connect, endpoint
+):
+    with pytest.raises(FatalApiError, match="allow-listed"):
+        connect().get_envelope(endpoint, MAIN, {}, page=None)
+
+    assert platform.requests == []
+
+
+def test_refuses_an_unknown_status_filter_without_calling(platform, connect):
+    with pytest.raises(FatalApiError, match=r"unknown task status \[4\]"):
+        connect().walk_tasks(MAIN, statuses=[1, 4])
+
+    assert platform.requests == []
+
+
+def test_sends_filters_and_page_size(platform, connect):
+    platform.serve_pages([page(range(3))])
+
+    walk = connect(page_size=20).walk_tasks(MAIN, name="spring", statuses=[1, 3])
+    list(walk)
+
+    assert platform.requests[0].query == {
+        "per_page": ["20"],
+        "name": ["spring"],
+        "status": ["1", "3"],
+        "page": ["1"],
+    }
+
+
+def test_does_not_follow_a_redirect(platform, connect):
+    platform.script(Reply(302, headers={"Location": "/agent-api/user/u1/task_stop/1"}))
+
+    with pytest.raises(FatalApiError, match="redirect"):
+        get(connect())
+
+    assert len(platform.requests) == 1
+
+
+def test_serves_several_threads_at_once(platform, connect):
+    platform.respond = lambda seen: Reply(body=envelope([task(1)]), delay=0.05)
+    client = connect(parallelism=4)
+    results: list[Any] = []
+
+    def call() -> None:
+        results.append(get(client)["data"])
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=5)
+
+    assert results == [[task(1)]] * 8
+
+
+# Retries
+
+
+def test_waits_as_retry_after_says_then_succeeds(platform, connect, sleeps):
+    limited = Reply(429, b"slow down", {"Retry-After": "2"})
+    platform.script(limited, limited, Reply(body=envelope([task(1)])))
+
+    assert get(connect())["data"] == [task(1)]
+
+    assert sleeps == [2, 2]
+    assert len(platform.requests) == 3
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "low", "high"),
+    [
+        ("7", 7, 7),
+        (30.0, 28, 30),
+        ("3600", 60, 60),
+        (86_400.0, 60, 60),
+        (-60.0, 0, 0),
+        ("soon", 0, 0.5),
+    ],
+    ids=["seconds", "http-date", "over-cap", "date-over-cap", "past-date", "garbage"],
+)
+def test_honours_retry_after_within_the_cap(
+    platform, connect, sleeps, retry_after, low, high
+):
+    if isinstance(retry_after, float):  # an HTTP-date this many seconds away
+        when = datetime.now(UTC) + timedelta(seconds=retry_after)
+        retry_after = format_datetime(when, usegmt=True)
+    platform.script(
+        Reply(503, b"busy", {"Retry-After": retry_after}), Reply(body=envelope([]))
+    )
+
+    get(connect(retry_after_max=60.0))
+
+    [slept] = sleeps
+    assert low <= slept <= high
+
+
+def test_backs_off_exponentially_with_jitter(platform, connect, sleeps):
+    platform.script(*[Reply(500, b"oops")] * 5, Reply(body=envelope([])))
+
+    get(connect(max_retries=5, backoff_initial=0.5, backoff_max=4.0))
+
+    ceilings = [0.5, 1.0, 2.0, 4.0, 4.0]
+    assert len(sleeps) == 5
+    assert all(0 <= s <= c for s, c in zip(sleeps, ceilings, strict=True))
+
+
+def test_gives_up_on_a_502_html_page_naming_where(platform, connect, sleeps):
+    html = Reply(
+        502, b"<html><body>Bad Gateway</body></html>", {"Content-Type": "text/html"}
+    )
+    platform.script(html, html, html)
+
+    with pytest.raises(RetryableApiError) as caught:
+        get(connect(max_retries=2))
+
+    message = str(caught.value)
+    for part in ("account u1", f"endpoint {TASKS}", "page 1", "HTTP 502", "3 tries"):
+        assert part in message
+    assert caught.value.status == 502
+    assert len(platform.requests) == 3
+    assert len(sleeps) == 2
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(body=b"<html>maintenance</html>"),
+        Reply(body=b'{"code": 200, "status": "succ'),
+        Reply(body=b'{"code": 200, "status": "success", "data": []}', length=500),
+        Reply(body=b""),
+        Reply(body=envelope(None, code=503, status="error")),
+        Reply(body=envelope(None, code="429", status="error")),
+    ],
+    ids=[
+        "not-json",
+        "truncated-json",
+        "body-cut-short",
+        "empty-body",
+        "envelope-code-503",
+        "envelope-code-429",
+    ],
+)
+def test_retries_a_bad_200_then_gives_up(platform, connect, sleeps, reply):
+    platform.script(reply, reply)
+
+    with pytest.raises(RetryableApiError, match="gave up after 2 tries"):
+        get(connect(max_retries=1))
+
+    assert len(platform.requests) == 2
+    assert len(sleeps) == 1
+
+
+def test_retries_a_stalled_read_then_gives_up(platform, connect, sleeps):
+    stalled = Reply(body=envelope([]), delay=1.0)
+    platform.script(stalled, stalled)
+    started = time.monotonic()
+
+    with pytest.raises(RetryableApiError, match="ReadTimeout"):
+        get(connect(read_timeout=0.3, max_retries=1))
+
+    assert time.monotonic() - started < 3
+    assert len(platform.requests) == 2
+    assert len(sleeps) == 1
+
+
+def test_retries_a_refused_connection_then_gives_up(sleeps):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    api = ApiConfig(base_url=f"http://127.0.0.1:{port}", token=TOKEN, max_retries=2)
+
+    with Client(api, sleep=sleeps.append, limiter=RateLimiter(10_000)) as client:
+        with pytest.raises(RetryableApiError, match="ConnectionError"):
+            get(client)
+
+    assert len(sleeps) == 2
+
+
+# Fatal answers
+
+
+@pytest.mark.parametrize("status", [401, 403], ids=["401", "403"])
+def test_http_token_refusal_is_fatal_and_hides_the_token(platform, connect, status):
+    body = json.dumps({"message": f"token {TOKEN} is not valid"}).encode()
+    platform.script(Reply(status, body))
+
+    with pytest.raises(FatalApiError, match="refused the token") as caught:
+        get(connect())
+
+    assert TOKEN not in str(caught.value)
+    assert f"HTTP {status}" in str(caught.value)
+    assert len(platform.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            envelope(None, code=401, status="error", message="token expired"),
+            "refused the token; the envelope says code 401",
+        ),
+        (envelope(None, status="error", message="参数错误"), "status 'error'"),
+        (envelope(None, code=None), "code null"),
+        (b"[1, 2]", "JSON array, not an object"),
+    ],
+    ids=["code-401", "status-error", "code-missing", "not-an-object"],
+)
+def test_a_refused_envelope_is_fatal_at_once(platform, connect, body, expected):
+    platform.script(Reply(body=body))
+
+    with pytest.raises(FatalApiError, match=expected):
+        get(connect())
+
+    assert len(platform.requests) == 1
+
+
+def test_other_4xx_is_fatal_at_once_and_quotes_a_short_message(platform, connect):
+    message = f"no such user; token {TOKEN}, hook {CALLBACK} " + "x" * 500
+    platform.script(Reply(404, json.dumps({"message": message}).encode()))
+
+    with pytest.raises(FatalApiError) as caught:
+        get(connect())
+
+    text = str(caught.value)
+    assert "HTTP 404" in text and "no such user" in text
+    assert TOKEN not in text and CALLBACK not in text and "private-hook" not in text
+    assert len(text) < 400
+    assert len(platform.requests) == 1
+
+
+def test_accepts_code_as_a_string(platform, connect):
+    platform.script(Reply(body=envelope([task(1)], code="200")))
+
+    assert get(connect())["data"] == [task(1)]
+
+
+@pytest.mark.parametrize(
+    "data", [{"uuid": "x"}, "tasks", 3], ids=["object", "string", "number"]
+)
+def test_a_list_whose_data_is_not_a_list_is_fatal(platform, connect, data):
+    platform.script(Reply(body=envelope(data)))
+
+    with pytest.raises(FatalApiError, match="not a list"):
+        list(connect().walk_tasks(MAIN))
+
+
+# Page walking
+
+# Each case: the pages served, then (items read, requests made, is_complete,
+# a warning expected or None).
+WALKS = [
+    pytest.param(
+        [page(range(15), meta(30, 2, 15)), page(range(15, 30), meta(30, 2, 15))],
+        (30, 2, True, None),
+        id="meta-on-every-page",
+    ),
+    pytest.param(
+        [page(range(15), meta(40, 3, 15)), page(range(15, 30)), page(range(30, 40))],
+        (40, 3, True, None),
+        id="meta-only-on-page-1",
+    ),
+    pytest.param(
+        [page(range(15), meta("30", "2", "15")), page(range(15, 30), meta("30"))],
+        (30, 2, True, None),
+        id="meta-numbers-as-strings",
+    ),
+    pytest.param(
+        [page(range(15), meta(None, None)), page(range(15, 18), meta(None, None))],
+        (18, 2, True, "relies on page lengths"),
+        id="null-totals-15-plus-3",
+    ),
+    pytest.param(
+        [page(range(n, n + 15)) for n in (0, 15, 30)] + [page(range(45, 47))],
+        (47, 4, True, "relies on page lengths"),
+        id="capped-per-page-no-meta",
+    ),
+    pytest.param(
+        [page(range(n, n + 15)) for n in (0, 15, 30)],
+        (45, 4, True, "relies on page lengths"),
+        id="capped-per-page-ends-empty",
+    ),
+    pytest.param(
+        [page(range(15), {"total": 45}), page(range(15, 30)), page(range(30, 45))],
+        (45, 3, True, None),
+        id="capped-per-page-total-only",
+    ),
+    pytest.param(
+        [page(range(2), meta(3, 2, 2)), page(None, meta(3, 2, 2))],
+        (2, 2, False, "total 3 but 2 items read"),
+        id="last-page-data-null",
+    ),
+    pytest.param(
+        [page(None, meta(0, 1, 15))],
+        (0, 1, True, None),
+        id="empty-account",
+    ),
+    pytest.param(
+        [page(range(n, n + 15), meta(50, 4, 15)) for n in (0, 15)]
+        + [page(range(0), meta(50, 4, 15)), page(range(45, 50), meta(50, 4, 15))],
+        (30, 3, False, "page 3 of 4 is empty; total 50 but 30 items read"),
+        id="empty-page-before-last",
+    ),
+    pytest.param(
+        [page(range(15))] * 5,
+        (30, 2, False, "ignore `page`"),
+        id="server-ignores-page",
+    ),
+    pytest.param(
+        [page(range(15), meta(50, 4, 15))] * 5,
+        (30, 2, False, "ignore `page`"),
+        id="server-ignores-page-with-meta",
+    ),
+    pytest.param(
+        [page(range(15), meta(30, 2, 15)), page(range(15, 30), meta(31, 3, 15))]
+        + [page(range(30, 31), meta(31, 3, 15))],
+        (31, 3, False, "reports total 31, an earlier page reported 30"),
+        id="total-changes",
+    ),
+    pytest.param(
+        [page(range(15), meta(30, 2, 15)), page(range(14, 29), meta(30, 2, 15))],
+        (30, 2, False, "shares 1 item(s) with page 1"),
+        id="list-shifted",
+    ),
+    pytest.param(
+        [page(range(15), meta("many", 2, 15.0)), page(range(15, 20))],
+        (20, 2, True, "meta.total is a JSON string that is not a whole number"),
+        id="uncoercible-meta",
+    ),
+    pytest.param(
+        [envelope([task(0), None, "x", task(1)])],
+        (2, 2, False, "2 item(s) not objects"),
+        id="non-object-items",
+    ),
+    pytest.param(
+        [envelope([task(0)], meta=[])],
+        (1, 2, True, "meta is a JSON array; ignored"),
+        id="meta-an-empty-array",
+    ),
+]
+
+
+@pytest.mark.parametrize(("bodies", "expected"), WALKS)
+def test_walk_ends_and_judges_completeness(platform, connect, bodies, expected):
+    items, requests, is_complete, warning = expected
+    platform.serve_pages(bodies)
+
+    walk = connect(page_size=100).walk_tasks(MAIN)
+    pages = list(walk)
+
+    assert sum(len(p.items) for p in pages) == walk.items == items
+    assert [p.number for p in pages] == list(range(1, requests + 1))
+    assert [seen.page for seen in platform.requests] == list(range(1, requests + 1))
+    assert walk.pages == requests
+    assert walk.is_complete is is_complete
+    if warning is None:
+        assert walk.warnings == []
+    else:
+        assert any(warning in w for w in walk.warnings), walk.warnings
+
+
+def test_pages_carry_coerced_meta_and_the_raw_body(platform, connect):
+    bodies = [page(range(15), meta("30", "2", "15")), page(range(15, 30))]
+    platform.serve_pages(bodies)
+
+    pages = iter(connect().walk_tasks(MAIN))
+    first = next(pages)
+    assert len(platform.requests) == 1  # yielded before the next is fetched
+    second = next(pages)
+
+    assert (first.total, first.last_page, first.per_page) == (30, 2, 15)
+    assert (second.total, second.last_page, second.per_page) == (None, None, None)
+    assert first.body == bodies[0]
+    assert first.endpoint == TASKS and first.account == MAIN
+    assert first.fetched_at.tzinfo is not None
+    assert CALLBACK not in repr(first)
+
+
+def test_a_walk_that_never_ends_hits_the_page_cap(platform, connect):
+    def endless(seen: Seen) -> Reply:
+        start = (seen.page - 1) * 15
+        return Reply(body=page(range(start, start + 15)))
+
+    platform.respond = endless
+    walk = connect(max_pages=5).walk_tasks(MAIN)
+
+    with pytest.raises(PageLimitError) as caught:
+        for _ in walk:
+            pass
+
+    message = str(caught.value)
+    assert "account u1" in message and f"endpoint {TASKS}" in message
+    assert "page 6" in message and "max_pages" in message
+    assert len(platform.requests) == walk.pages == 5
+    assert walk.is_complete is False
+
+
+def test_walks_sub_accounts_keyed_by_id(platform, connect):
+    people = [{"id": n, "name": f"sub {n}"} for n in range(15)]
+    platform.serve_pages([envelope(people), envelope(people[:3])])
+
+    walk = connect().walk_sub_accounts("u1")
+    pages = list(walk)
+
+    assert platform.requests[0].path == "/agent-api/user/u1/subset_users"
+    assert walk.items == 18 and len(pages) == 2
+    assert not any("ignore" in w for w in walk.warnings)
+
+
+def test_a_walk_is_iterated_once(platform, connect):
+    platform.serve_pages([page(range(3))])
+    walk = connect().walk_tasks(MAIN)
+    list(walk)
+
+    with pytest.raises(RuntimeError, match="once"):
+        iter(walk)
+
+
+# Rate limit
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.mark.parametrize(
+    ("rate", "pauses"),
+    [(5.0, [0.0] * 40), (3.0, [0.0, 2.5, 0.0, 0.1] * 10), (0.5, [0.0, 1.0] * 5)],
+    ids=["back-to-back", "bursty", "slow"],
+)
+def test_rate_limiter_never_exceeds_its_rate(rate, pauses):
+    fake = FakeTime()
+    limiter = RateLimiter(rate, clock=fake.clock, sleep=fake.sleep)
+    stamps = []
+
+    for pause in pauses:
+        fake.sleep(pause)
+        limiter.acquire()
+        stamps.append(fake.now)
+
+    # Any one-second window (less a rounding error of the float clock).
+    window = 1.0 - 1e-9
+    for start in stamps:
+        inside = [s for s in stamps if start <= s < start + window]
+        assert len(inside) <= max(1, rate)
+
+
+def test_rate_limiter_holds_threads_to_the_rate():
+    limiter = RateLimiter(100.0)
+    started = time.monotonic()
+
+    def acquire_five() -> None:
+        for _ in range(5):
+            limiter.acquire()
+
+    threads = [threading.Thread(target=acquire_five) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=5)
+
+    assert time.monotonic() - started >= 19 / 100
+
+
+def test_every_request_goes_through_the_limiter(platform):
+    fake = FakeTime()
+    api = ApiConfig(base_url=platform.url, token=TOKEN, requests_per_second=2.0)
+    platform.script(Reply(500), Reply(body=envelope([])), Reply(body=envelope([])))
+    limiter = RateLimiter(2.0, clock=fake.clock, sleep=fake.sleep)
+
+    with Client(api, sleep=lambda s: None, limiter=limiter) as client:
+        get(client)
+        get(client)
+
+    assert fake.now == pytest.approx(100.0 + 2 * 0.5)
+
+
+# Logs
+
+
+def test_logs_never_hold_the_token_or_a_callback_url(platform, connect, caplog):
+    caplog.set_level(logging.DEBUG)
+    items = [task(n) for n in range(3)]
+    platform.script(
+        Reply(502, f"<html>{CALLBACK}</html>".encode()),
+        Reply(body=envelope(None, code=500, message=f"hook {CALLBACK} down")),
+        Reply(body=envelope(items)),
+        Reply(401, json.dumps({"message": f"bad token {TOKEN}"}).encode()),
+        Reply(body=envelope(None, code=400, status="error", message=CALLBACK)),
+        Reply(body=envelope(items, meta(9, "x", 3))),
+        Reply(body=envelope(items)),
+    )
+    client = connect(max_retries=2)
+    errors = []
+
+    get(client)
+    for _ in range(2):
+        with pytest.raises(FatalApiError) as caught:
+            get(client)
+        errors.append(str(caught.value))
+    walk = client.walk_tasks(MAIN)
+    list(walk)
+
+    records = [r for r in caplog.records if r.name.startswith("etl")]
+    text = caplog.text + "\n".join(errors + walk.warnings)
+    for secret in (TOKEN, CALLBACK, "10.9.8.7", "private-hook-key"):
+        assert secret not in text
+    assert not any("?" in r.getMessage() for r in records)
+    debug = [r.getMessage() for r in records if r.levelno == logging.DEBUG]
+    assert len(debug) == len(platform.requests) == 7
+    assert f"account u1, endpoint {TASKS}, page 1: HTTP 200 in" in debug[2]
+    assert debug[2].endswith(" ms")
+    retries = [r for r in records if "retry" in r.getMessage()]
+    assert [r.levelno for r in retries] == [logging.WARNING] * 2

@@ -1,0 +1,220 @@
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from etl import store
+from etl.config import ApiConfig, Config, DatabaseConfig, MainAccount
+from etl.models import accounts, sync_runs, task_status_changes, tasks
+from etl.simulator import SimServer, Simulator
+from etl.sync import Filters, run_sync
+
+
+@pytest.fixture
+def simulator() -> Simulator:
+    return Simulator(seed=11, main_accounts=2, sub_accounts=2, tasks_per_account=12)
+
+
+@pytest.fixture
+def server(simulator: Simulator) -> Iterator[SimServer]:
+    with simulator.serve() as server:
+        yield server
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = store.connect(DatabaseConfig(url=db_url))
+    store.migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+def make_config(
+    server: SimServer, simulator: Simulator, db_url: str = "sqlite://", **api: Any
+) -> Config:
+    mains = tuple(
+        MainAccount(user_id=user_id, discover_sub_accounts=True)
+        for user_id in simulator.main_user_ids()
+    )
+    settings = {"page_size": 5, "requests_per_second": 1000.0, **api}
+    return Config(
+        database=DatabaseConfig(url=db_url),
+        api=ApiConfig(base_url=server.url, token=simulator.token, **settings),
+        accounts=mains,
+    )
+
+
+def listed(engine: Engine) -> dict[str, int | None]:
+    query = select(tasks.c.uuid, tasks.c.status).where(tasks.c.removed_at.is_(None))
+    with engine.connect() as connection:
+        return {row.uuid: row.status for row in connection.execute(query)}
+
+
+def truth(simulator: Simulator) -> dict[str, int]:
+    return {
+        task.uuid: task.history[-1][1]
+        for task in simulator.tasks()
+        if task.removed_at is None
+    }
+
+
+def count(engine: Engine, table: Any) -> int:
+    with engine.connect() as connection:
+        return int(
+            connection.execute(select(func.count()).select_from(table)).scalar_one()
+        )
+
+
+def test_sync_stores_every_task_of_every_account(
+    simulator: Simulator, server: SimServer, engine: Engine
+) -> None:
+    summary = run_sync(make_config(server, simulator), engine=engine)
+
+    assert summary.outcome == "succeeded"
+    assert summary.accounts == len(simulator.accounts())
+    assert listed(engine) == truth(simulator)
+    assert summary.counts.new == len(truth(simulator))
+    assert count(engine, task_status_changes) == len(truth(simulator))
+    assert count(engine, accounts) == len(simulator.accounts())
+
+
+def test_second_sync_of_an_unchanged_source_writes_nothing(
+    simulator: Simulator, server: SimServer, engine: Engine
+) -> None:
+    config = make_config(server, simulator)
+    run_sync(config, engine=engine)
+    history = count(engine, task_status_changes)
+
+    summary = run_sync(config, engine=engine)
+
+    counts = summary.counts
+    assert (counts.new, counts.changed, counts.removed) == (0, 0, 0)
+    assert counts.status_changes == 0
+    assert count(engine, task_status_changes) == history
+
+
+def test_changes_removals_and_new_tasks_follow_the_platform(
+    simulator: Simulator, server: SimServer, engine: Engine
+) -> None:
+    config = make_config(server, simulator)
+    run_sync(config, engine=engine)
+    before = truth(simulator)
+
+    simulator.advance(6 * 3600)
+    summary = run_sync(config, engine=engine)
+
+    after = truth(simulator)
+    assert listed(engine) == after
+    assert summary.counts.removed == len(before.keys() - after.keys())
+    assert summary.counts.new == len(after.keys() - before.keys())
+    changed = {u for u in before.keys() & after.keys() if before[u] != after[u]}
+    assert summary.counts.status_changes == (
+        len(changed) + summary.counts.new + summary.counts.removed
+    )
+    with engine.connect() as connection:
+        removed = connection.execute(
+            select(tasks.c.uuid).where(tasks.c.removed_at.is_not(None))
+        ).scalars()
+        assert set(removed) == before.keys() - after.keys()
+
+
+def test_a_task_that_comes_back_is_restored(
+    simulator: Simulator, server: SimServer, engine: Engine
+) -> None:
+    config = make_config(server, simulator)
+    run_sync(config, engine=engine)
+    uuid = simulator.tasks()[0].uuid
+
+    simulator.remove_task(uuid)
+    run_sync(config, engine=engine)
+    simulator.restore_task(uuid)
+    summary = run_sync(config, engine=engine)
+
+    assert summary.counts.restored == 1
+    assert uuid in listed(engine)
+    query = (
+        select(task_status_changes.c.event)
+        .where(task_status_changes.c.task_uuid == uuid)
+        .order_by(task_status_changes.c.id)
+    )
+    with engine.connect() as connection:
+        events = connection.execute(query).scalars().all()
+    assert events == ["first_seen", "removed", "restored"]
+
+
+def test_failed_account_does_not_stop_the_others_or_remove_anything(
+    simulator: Simulator, server: SimServer, engine: Engine
+) -> None:
+    run_sync(make_config(server, simulator), engine=engine)
+    first, second = simulator.main_user_ids()
+    bad = make_config(server, simulator)
+    bad = Config(
+        database=bad.database,
+        api=bad.api,
+        accounts=(
+            MainAccount(user_id=first, token="wrong-token", discover_sub_accounts=True),
+            MainAccount(user_id=second, discover_sub_accounts=True),
+        ),
+    )
+    simulator.advance(6 * 3600)
+
+    summary = run_sync(bad, engine=engine)
+
+    assert summary.outcome == "partial"
+    assert summary.exit_code == 3
+    assert any("token" in error for error in summary.errors)
+    assert all("wrong-token" not in error for error in summary.errors)
+    stored = listed(engine)
+    live_second = {
+        t.uuid for t in simulator.tasks() if t.user_id == second and not t.removed_at
+    }
+    assert live_second <= stored.keys()
+    removed_first = [
+        t.uuid for t in simulator.tasks() if t.user_id == first and t.removed_at
+    ]
+    assert all(uuid in stored for uuid in removed_first)
+
+
+def test_filtered_walk_never_marks_removals(
+    simulator: Simulator, server: SimServer, engine: Engine
+) -> None:
+    config = make_config(server, simulator)
+    run_sync(config, engine=engine)
+
+    summary = run_sync(config, engine=engine, filters=Filters(statuses=(1,)))
+
+    assert summary.outcome == "succeeded"
+    assert summary.counts.removed == 0
+    assert listed(engine) == truth(simulator)
+
+
+def test_every_run_is_recorded_with_its_counts(
+    simulator: Simulator, server: SimServer, engine: Engine
+) -> None:
+    summary = run_sync(make_config(server, simulator), engine=engine)
+
+    with engine.connect() as connection:
+        run = connection.execute(select(sync_runs)).one()
+    assert (run.id, run.outcome, run.kind) == (summary.run_id, "succeeded", "sync")
+    assert (run.tasks_new, run.pages) == (summary.counts.new, summary.pages)
+    assert run.finished_at is not None
+
+
+def test_sqlite_and_postgresql_hold_the_same_rows(
+    simulator: Simulator, server: SimServer, sqlite_url: str, pg_url: str
+) -> None:
+    snapshots = []
+    for url in (sqlite_url, pg_url):
+        engine = store.connect(DatabaseConfig(url=url))
+        store.migrate(engine)
+        run_sync(make_config(server, simulator), engine=engine)
+        columns = [c for c in tasks.c if not c.name.endswith("_seen_at")]
+        columns = [c for c in columns if c.name != "last_changed_at"]
+        with engine.connect() as connection:
+            rows = connection.execute(select(*columns).order_by(tasks.c.uuid)).all()
+        snapshots.append([tuple(row) for row in rows])
+        engine.dispose()
+
+    assert snapshots[0] == snapshots[1]
+    assert len(snapshots[0]) == len(truth(simulator))

@@ -1,0 +1,145 @@
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from etl import store
+from etl.cli import main
+from etl.simulator import SimServer, Simulator
+
+
+@pytest.fixture
+def simulator() -> Simulator:
+    return Simulator(seed=5, main_accounts=2, sub_accounts=1, tasks_per_account=6)
+
+
+@pytest.fixture
+def server(simulator: Simulator) -> Iterator[SimServer]:
+    with simulator.serve() as server:
+        yield server
+
+
+def write_config(
+    tmp_path: Path, server: SimServer, simulator: Simulator, db_url: str
+) -> Path:
+    accounts = "".join(
+        f'[[accounts]]\nuser_id = "{user_id}"\ndiscover_sub_accounts = true\n'
+        for user_id in simulator.main_user_ids()
+    )
+    path = tmp_path / "task-etl.toml"
+    path.write_text(
+        f'[database]\nurl = "{db_url}"\n'
+        f'[api]\nbase_url = "{server.url}"\npage_size = 4\n'
+        "requests_per_second = 500.0\n" + accounts,
+        encoding="utf-8",
+    )
+    return path
+
+
+def invoke(*args: str, token: str = "sim-token") -> Result:
+    runner = CliRunner()
+    return runner.invoke(main, list(args), env={"TASK_ETL_TOKEN": token})
+
+
+def test_migrate_then_sync_then_status(
+    tmp_path: Path, server: SimServer, simulator: Simulator, db_url: str
+) -> None:
+    config = str(write_config(tmp_path, server, simulator, db_url))
+    head = store.head_revision()
+
+    migrated = invoke("--config", config, "migrate")
+    again = invoke("--config", config, "migrate")
+    synced = invoke("--config", config, "sync")
+    status = invoke("--config", config, "status")
+
+    assert (migrated.exit_code, migrated.stdout) == (
+        0,
+        f"Database migrated from empty to {head}.\n",
+    )
+    assert again.stdout == f"Database already at the current schema ({head}).\n"
+    assert synced.exit_code == 0, synced.output
+    assert synced.stdout.startswith("Run 1 (sync) succeeded in ")
+    assert ": 4 accounts (0 failed), " in synced.stdout
+    assert "24 seen, 24 new, 0 changed, 0 removed" in synced.stdout
+    assert status.exit_code == 0
+    assert "#1 sync" in status.stdout
+
+
+def test_sync_before_migrate_says_what_to_run(
+    tmp_path: Path, server: SimServer, simulator: Simulator, sqlite_url: str
+) -> None:
+    config = str(write_config(tmp_path, server, simulator, sqlite_url))
+
+    result = invoke("--config", config, "sync")
+
+    assert result.exit_code == 1
+    head = store.head_revision()
+    assert result.stderr.endswith(
+        f"Error: the database is at schema none, not {head}: "
+        "run `task-etl migrate` first\n"
+    )
+
+
+def test_wrong_token_fails_every_account_without_showing_it(
+    tmp_path: Path, server: SimServer, simulator: Simulator, sqlite_url: str
+) -> None:
+    config = str(write_config(tmp_path, server, simulator, sqlite_url))
+    invoke("--config", config, "migrate")
+
+    result = invoke("-v", "--config", config, "sync", token="not-the-token")
+
+    assert result.exit_code == 1
+    assert "failed" in result.stdout
+    assert "token" in result.output
+    assert "not-the-token" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[api]\nbase_url = 1\n", "api.base_url: expected a string, got an integer"),
+        ("[[accounts]]\nuser_id = 'u'\n", "api.base_url: required key is missing"),
+        ("nonsense", "cannot read"),
+    ],
+    ids=["wrong-type", "missing-key", "not-toml"],
+)
+def test_bad_configuration_exits_2_naming_key_and_file(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text, encoding="utf-8")
+
+    result = invoke("--config", str(path), "sync")
+
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"Error: {path}: ")
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_configuration_exits_2(tmp_path: Path) -> None:
+    result = invoke("--config", str(tmp_path / "none.toml"), "sync")
+
+    assert result.exit_code == 2
+    assert "file not found (give --config or set TASK_ETL_CONFIG)" in result.stderr
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    assert invoke("sink").exit_code == 2
+
+
+def test_demo_syncs_twice_into_a_fresh_file(tmp_path: Path) -> None:
+    path = tmp_path / "demo.db"
+
+    result = invoke("demo", "--database", str(path))
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("Simulator on http://127.0.0.1:")
+    assert lines[1].startswith("Run 1 (sync) succeeded in ")
+    assert "Simulated clock moved on 6 hours; syncing again." in lines
+    assert any(line.startswith("Run 2 (sync) succeeded in ") for line in lines)
+    assert lines[-2].startswith("In the database: ")
+    assert lines[-1].startswith(f'Try: sqlite3 {path} "SELECT status_str')
+    assert path.exists()

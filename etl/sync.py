@@ -195,7 +195,13 @@ class _Run:
         with ThreadPoolExecutor(workers, thread_name_prefix="walk") as pool:
             for account in found:
                 pool.submit(self._fetch, account)
-            self._write_until_done(len(found))
+            try:
+                self._write_until_done(len(found))
+            except BaseException:
+                # Release fetchers blocked on the full queue, or leaving the
+                # pool would wait for them for ever.
+                self.stop.set()
+                raise
 
     def _fetch(self, account: Account) -> None:
         """Walk one account in a pool thread and queue what it finds."""

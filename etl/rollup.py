@@ -1,0 +1,282 @@
+"""Daily status counts: a rollup brought up to date at the end of every run.
+
+Deriving how many tasks were in each status at the end of every day from the
+whole history costs more each day the history grows. The rollup instead
+keeps one row per day, account and status, and a refresh recomputes only
+the days that can have changed since the previous refresh: from the stored
+counts of the day before, adding the status changes observed since. A
+refresh therefore reads the changes of about one day, whatever the age of
+the database.
+
+Which days can have changed: the day of the previous refresh (it was only
+counted so far), and every day on which a run that had not finished by then
+observed a change (a replay of archived pages observes changes in the past).
+Days are calendar days in the platform's time zone, kept in `settings`; a
+refresh under another time zone rebuilds the whole rollup.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Connection, Engine, delete, func, insert, select, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from etl import runs
+from etl.errors import StoreError
+from etl.models import daily_status_rollup, settings, sync_runs, task_status_changes
+from etl.models import tasks as tasks_table
+
+log = logging.getLogger(__name__)
+
+TIMEZONE = "timezone"
+COUNTED_DAY = "daily_counts_day"
+NEXT_RUN = "daily_counts_next_run"
+
+# Any constant will do, as long as nothing else in the database takes it.
+_POSTGRESQL_LOCK = 0x7461736B_726F6C6C  # "taskroll"
+_INSERT_ROWS = 1000
+
+# (user_id, sub_user_id, status)
+Key = tuple[str, str, int | None]
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """What a refresh recomputed."""
+
+    first_day: date | None
+    last_day: date
+    rows: int
+    rebuilt: bool
+
+
+def refresh_daily_counts(
+    engine: Engine,
+    zone: ZoneInfo,
+    *,
+    rebuild: bool = False,
+    now: datetime | None = None,
+) -> Refresh:
+    """Bring daily_status_rollup up to date, through the day of `now`; call
+    it when no run of this process is still writing."""
+    try:
+        with engine.begin() as connection:
+            _serialize(connection)
+            result = _refresh(connection, zone, rebuild, now or runs.now())
+    except SQLAlchemyError as exc:
+        reason = "".join(str(getattr(exc, "orig", None) or exc).splitlines()[:1])
+        raise StoreError(
+            f"the daily status counts were not refreshed: {reason}"
+        ) from exc
+    log.info(
+        "daily status counts %s from %s to %s: %s rows",
+        "rebuilt" if result.rebuilt else "refreshed",
+        result.first_day or result.last_day,
+        result.last_day,
+        result.rows,
+    )
+    return result
+
+
+def refresh_after_run(engine: Engine, zone: ZoneInfo) -> None:
+    """Refresh at the end of a run; a failure waits for the next run."""
+    try:
+        refresh_daily_counts(engine, zone)
+    except StoreError as exc:
+        log.error("%s; the next run will catch up", exc)
+
+
+def _serialize(connection: Connection) -> None:
+    # SQLite transactions of this product begin IMMEDIATE, which already
+    # serializes writers; PostgreSQL needs the two refreshes of two runs
+    # ending together to take turns, or both would rewrite the same days.
+    if connection.dialect.name == "postgresql":
+        connection.execute(
+            text("SELECT pg_advisory_xact_lock(:key)"), {"key": _POSTGRESQL_LOCK}
+        )
+
+
+def _refresh(
+    connection: Connection, zone: ZoneInfo, rebuild: bool, now: datetime
+) -> Refresh:
+    stored = dict(connection.execute(select(settings.c.key, settings.c.value)).all())
+    rebuild = rebuild or stored.get(TIMEZONE) != zone.key or COUNTED_DAY not in stored
+    last_day = local_day(now, zone)
+    if rebuild:
+        first_day = _first_change_day(connection, zone)
+        connection.execute(delete(daily_status_rollup))
+    else:
+        first_day = _first_stale_day(connection, zone, stored)
+        connection.execute(
+            delete(daily_status_rollup).where(daily_status_rollup.c.day >= first_day)
+        )
+
+    rows = 0
+    if first_day is not None and first_day <= last_day:
+        counts = _counts_at_end_of(connection, first_day - timedelta(days=1))
+        changes = _changes_by_day(connection, zone, first_day)
+        rows = _write_days(connection, counts, changes, first_day, last_day)
+
+    _write_settings(
+        connection,
+        {
+            TIMEZONE: zone.key,
+            COUNTED_DAY: last_day.isoformat(),
+            NEXT_RUN: str(_next_unfinished_run(connection)),
+        },
+        now,
+    )
+    return Refresh(first_day, last_day, rows, rebuild)
+
+
+def local_day(moment: datetime, zone: ZoneInfo) -> date:
+    return moment.astimezone(zone).date()
+
+
+def start_of_day(day: date, zone: ZoneInfo) -> datetime:
+    """The UTC moment at which `day` begins in `zone`."""
+    return datetime.combine(day, time(0), tzinfo=zone).astimezone(UTC)
+
+
+def _first_change_day(connection: Connection, zone: ZoneInfo) -> date | None:
+    first = connection.execute(
+        select(func.min(task_status_changes.c.observed_at))
+    ).scalar()
+    return local_day(first, zone) if first is not None else None
+
+
+def _first_stale_day(
+    connection: Connection, zone: ZoneInfo, stored: dict[str, str]
+) -> date:
+    counted_day = date.fromisoformat(stored[COUNTED_DAY])
+    next_run = int(stored.get(NEXT_RUN, "0"))
+    earliest = connection.execute(
+        select(func.min(task_status_changes.c.observed_at)).where(
+            task_status_changes.c.run_id >= next_run
+        )
+    ).scalar()
+    if earliest is None:
+        return counted_day
+    return min(counted_day, local_day(earliest, zone))
+
+
+def _next_unfinished_run(connection: Connection) -> int:
+    """The first run whose changes the next refresh must look at again."""
+    running = connection.execute(
+        select(func.min(sync_runs.c.id)).where(sync_runs.c.outcome == "running")
+    ).scalar()
+    if running is not None:
+        return int(running)
+    newest = connection.execute(select(func.max(sync_runs.c.id))).scalar()
+    return int(newest or 0) + 1
+
+
+def _counts_at_end_of(connection: Connection, day: date) -> Counter[Key]:
+    rollup = daily_status_rollup.c
+    query = select(rollup.user_id, rollup.sub_user_id, rollup.status, rollup.tasks)
+    counts: Counter[Key] = Counter()
+    for row in connection.execute(query.where(rollup.day == day)):
+        counts[(row.user_id, row.sub_user_id, row.status)] = row.tasks
+    return counts
+
+
+def _changes_by_day(
+    connection: Connection, zone: ZoneInfo, first_day: date
+) -> dict[date, Counter[Key]]:
+    """Per day, how each count moved: -1 for a status left, +1 for one entered."""
+    change = task_status_changes.c
+    query = (
+        select(
+            change.observed_at,
+            change.event,
+            change.old_status,
+            change.new_status,
+            tasks_table.c.user_id,
+            tasks_table.c.sub_user_id,
+        )
+        .join(tasks_table, tasks_table.c.uuid == change.task_uuid)
+        .where(change.observed_at >= start_of_day(first_day, zone))
+    )
+    moves: dict[date, Counter[Key]] = {}
+    for row in connection.execute(query.execution_options(yield_per=_INSERT_ROWS)):
+        day_moves = moves.setdefault(local_day(row.observed_at, zone), Counter())
+        account = (row.user_id, row.sub_user_id)
+        if row.event in ("changed", "removed"):
+            day_moves[(*account, row.old_status)] -= 1
+        if row.event in ("first_seen", "changed", "restored"):
+            day_moves[(*account, row.new_status)] += 1
+    return moves
+
+
+def _write_days(
+    connection: Connection,
+    counts: Counter[Key],
+    moves: dict[date, Counter[Key]],
+    first_day: date,
+    last_day: date,
+) -> int:
+    written = 0
+    for chunk in _chunks(_day_rows(counts, moves, first_day, last_day)):
+        connection.execute(insert(daily_status_rollup), chunk)
+        written += len(chunk)
+    return written
+
+
+def _day_rows(
+    counts: Counter[Key],
+    moves: dict[date, Counter[Key]],
+    first_day: date,
+    last_day: date,
+) -> Iterator[dict[str, Any]]:
+    # Every day gets rows, changes or not: a chart of the view has no gaps.
+    day = first_day
+    while day <= last_day:
+        counts.update(moves.get(day, Counter()))
+        for (user_id, sub_user_id, status), tasks in sorted(
+            counts.items(), key=_sort_key
+        ):
+            if tasks:
+                yield {
+                    "day": day,
+                    "user_id": user_id,
+                    "sub_user_id": sub_user_id,
+                    "status": status,
+                    "tasks": tasks,
+                }
+        day += timedelta(days=1)
+
+
+def _sort_key(item: tuple[Key, int]) -> tuple[str, str, int]:
+    (user_id, sub_user_id, status), _ = item
+    return (user_id, sub_user_id, -1 if status is None else status)
+
+
+def _chunks(rows: Iterable[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == _INSERT_ROWS:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _write_settings(
+    connection: Connection, values: dict[str, str], now: datetime
+) -> None:
+    connection.execute(delete(settings).where(settings.c.key.in_(list(values))))
+    connection.execute(
+        insert(settings),
+        [
+            {"key": key, "value": value, "updated_at": now}
+            for key, value in values.items()
+        ],
+    )

@@ -8,22 +8,27 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
+from etl import backfill as backfill_module
 from etl import config as config_module
 from etl import demo as demo_module
-from etl import report, store
+from etl import html_report, report, rollup, schedule, store
 from etl.config import Config
 from etl.errors import EtlError
-from etl.sync import run_sync
+from etl.sync import Filters, run_sync
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+# `status --max-age`: the newest good sync is too old, or there is none.
+EXIT_STALE = 5
 
 QUIET_LOGGERS = ("sqlalchemy.engine", "apscheduler", "urllib3", "alembic")
 
@@ -101,7 +106,11 @@ def migrate(ctx: click.Context) -> None:
 
     def action() -> int:
         config = ctx.obj.config()
-        before, after = store.migrate(store.connect(config.database))
+        engine = store.connect(config.database)
+        before, after = store.migrate(engine)
+        # Builds the daily counts of a history older than the schema, and
+        # recounts them when api.timezone changed.
+        rollup.refresh_daily_counts(engine, config.api.zone)
         if before == after:
             click.echo(f"Database already at the current schema ({after}).")
         else:
@@ -116,12 +125,108 @@ def migrate(ctx: click.Context) -> None:
 def sync(ctx: click.Context) -> None:
     """Sync every configured account once, then exit.
 
-    Exit codes: 0 success, 1 failure, 2 bad configuration, 3 some accounts
-    failed (the others were stored).
+    Exit codes: 0 success, 1 failure (or past schedule.deadline), 2 bad
+    configuration, 3 some accounts failed (the others were stored), 4
+    another run held the lock of some account, which was skipped (nothing
+    failed), 130 stopped by Ctrl-C or SIGTERM after the page being written
+    (a second signal exits at once).
     """
 
     def action() -> int:
-        summary = run_sync(ctx.obj.config())
+        config = ctx.obj.config()
+        stop = threading.Event()
+        with schedule.stop_on_signals(stop):
+            summary = run_sync(config, stop=stop, deadline=config.schedule.deadline)
+        click.echo(report.describe_run(summary))
+        return summary.exit_code
+
+    run_command(ctx, action)
+
+
+@main.command()
+@click.pass_context
+def daemon(ctx: click.Context) -> None:
+    """Sync on the [schedule] of the configuration until stopped.
+
+    SIGTERM or Ctrl-C stops it after the page being written: the run is
+    recorded as "stopped" and the exit code is 0. A second signal exits at
+    once (143 or 130); nothing written is lost, and the next run marks the
+    cut run abandoned.
+    """
+
+    def action() -> int:
+        config = ctx.obj.config()
+        # The daemon reports skipped and missed runs itself, in our words.
+        apscheduler = logging.getLogger("apscheduler")
+        apscheduler.setLevel(max(apscheduler.getEffectiveLevel(), logging.ERROR))
+        return schedule.run_daemon(config)
+
+    run_command(ctx, action)
+
+
+@main.command()
+@click.option(
+    "--account",
+    "selectors",
+    multiple=True,
+    metavar="USER[:SUB]",
+    help="A main account with its sub-accounts, or USER:SUB for one "
+    "sub-account; repeatable [default: every account].",
+)
+@click.option("--name", help="Only tasks the platform's name filter matches.")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.IntRange(1, 3),
+    metavar="1|2|3",
+    help="Only tasks in this status (1 paused, 2 running, 3 waiting); repeatable.",
+)
+@click.option(
+    "--from-archive",
+    "archive_dir",
+    metavar="DIR",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Replay the pages archived in DIR instead of calling the platform.",
+)
+@click.pass_context
+def backfill(
+    ctx: click.Context,
+    selectors: tuple[str, ...],
+    name: str | None,
+    statuses: tuple[int, ...],
+    archive_dir: Path | None,
+) -> None:
+    """Pull the chosen accounts in full once, or replay an archive.
+
+    A pull filtered by --name or --status never marks a task removed. A
+    replay stores archived pages with the times they were fetched and skips
+    walks no newer than the account's last sync, so it can be repeated.
+    Progress is shown on a terminal only.
+
+    Exit codes: 0 success, 1 failure, 2 bad usage or configuration, 3 some
+    accounts failed (the others were stored), 4 another run held the lock of
+    some account, which was skipped (nothing failed), 130 stopped by a signal.
+    """
+    if archive_dir is not None and (name is not None or statuses):
+        raise click.UsageError("--name and --status cannot be used with --from-archive")
+
+    def action() -> int:
+        config = ctx.obj.config()
+        if archive_dir is not None:
+            with report.ProgressLine(sys.stderr, "replay") as progress:
+                replayed = backfill_module.replay_archive(
+                    config, archive_dir, selectors=selectors, progress=progress
+                )
+            click.echo(report.describe_replay(replayed))
+            return replayed.exit_code
+        with report.ProgressLine(sys.stderr, "backfill") as progress:
+            summary = backfill_module.run_backfill(
+                config,
+                selectors=selectors,
+                filters=Filters(name=name, statuses=statuses),
+                progress=progress,
+            )
         click.echo(report.describe_run(summary))
         return summary.exit_code
 
@@ -130,8 +235,15 @@ def sync(ctx: click.Context) -> None:
 
 @main.command()
 @click.option("--limit", default=10, show_default=True, help="How many runs.")
+@click.option(
+    "--max-age",
+    metavar="DURATION",
+    callback=lambda _ctx, _param, value: _max_age(value),
+    help="Exit 5 when the newest good sync is older than this (90s, 30m, 2h, "
+    "1d) or there is none: a check for monitoring.",
+)
 @click.pass_context
-def status(ctx: click.Context, limit: int) -> None:
+def status(ctx: click.Context, limit: int, max_age: timedelta | None) -> None:
     """Recent runs, failing accounts and the age of the last good sync."""
 
     def action() -> int:
@@ -139,9 +251,72 @@ def status(ctx: click.Context, limit: int) -> None:
         engine = store.connect(config.database)
         store.check_schema(engine)
         click.echo(report.describe_status(engine, limit))
+        if max_age is None:
+            return EXIT_OK
+        problem = report.check_freshness(engine, max_age)
+        if problem:
+            click.echo(f"Error: {problem}", err=True)
+            return EXIT_STALE
         return EXIT_OK
 
     run_command(ctx, action)
+
+
+def _max_age(value: str | None) -> timedelta | None:
+    if value is None:
+        return None
+    try:
+        return report.parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command("report")
+@click.option(
+    "--days",
+    type=click.IntRange(min=1),
+    help=f"The last DAYS days [default: {html_report.DEFAULT_DAYS}].",
+)
+@click.option(
+    "--since",
+    metavar="DATE",
+    callback=lambda _ctx, _param, value: _since(value),
+    help="From DATE instead: YYYY-MM-DD or 'YYYY-MM-DD HH:MM', in api.timezone.",
+)
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write one self-contained HTML page with charts to this file.",
+)
+@click.pass_context
+def report_command(
+    ctx: click.Context, days: int | None, since: Any, html_path: Path | None
+) -> None:
+    """Tasks per status per account now, and what changed in a period."""
+    if days is not None and since is not None:
+        raise click.UsageError("give --days or --since, not both")
+
+    def action() -> int:
+        config = ctx.obj.config()
+        start = since.replace(tzinfo=config.api.zone) if since else None
+        click.echo(
+            html_report.run_report(config, days=days, since=start, html_path=html_path)
+        )
+        return EXIT_OK
+
+    run_command(ctx, action)
+
+
+def _since(value: str | None) -> Any:
+    if value is None:
+        return None
+    for layout in ("%Y-%m-%d", "%Y-%m-%d %H:%M"):
+        try:
+            return datetime.strptime(value, layout)
+        except ValueError:
+            continue
+    raise click.BadParameter(f"{value!r} is not YYYY-MM-DD or 'YYYY-MM-DD HH:MM'")
 
 
 @main.command()
@@ -158,12 +333,47 @@ def status(ctx: click.Context, limit: int) -> None:
     help="Every TICK real seconds, advance simulated time by STEP (0: never).",
 )
 @click.option("--step", default=300.0, show_default=True, help="Seconds per tick.")
+@click.option(
+    "--fault",
+    "fault_rates",
+    multiple=True,
+    metavar="KIND=RATE",
+    help="Misbehave on this share of requests; repeatable. KIND: throttle, "
+    "server_error, reset, truncated, bad_code, unauthorized, stall.",
+)
+@click.option("--fault-seed", default=0, show_default=True, help="Replays faults.")
+@click.option(
+    "--retry-after", default=1, show_default=True, help="Seconds a 429 asks for."
+)
+@click.option(
+    "--stall",
+    default=35.0,
+    show_default=True,
+    help="Seconds a stalled response holds; above the client's read timeout.",
+)
+@click.option(
+    "--refuse-account",
+    default="",
+    metavar="USER_ID",
+    help="The main account whose token `unauthorized` refuses [default: any].",
+)
 @click.pass_context
 def simulate(ctx: click.Context, /, **options: Any) -> None:
     """Serve a local stand-in of the platform's API on 127.0.0.1."""
     from etl import simulator
+    from etl.faults import Faults
 
     def action() -> int:
+        try:
+            faults = Faults.parse(
+                options["fault_rates"],
+                seed=options["fault_seed"],
+                retry_after=options["retry_after"],
+                stall_seconds=options["stall"],
+                refused_user_id=options["refuse_account"],
+            )
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--fault") from None
         click.echo(
             f"Simulator on http://127.0.0.1:{options['port']} "
             f"(token {options['token']!r}); main accounts are printed below. "
@@ -179,6 +389,7 @@ def simulate(ctx: click.Context, /, **options: Any) -> None:
             sub_accounts=options["sub_accounts"],
             tasks_per_account=options["tasks"],
             token=options["token"],
+            faults=faults,
         )
         return EXIT_OK
 

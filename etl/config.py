@@ -8,12 +8,14 @@ Tokens may come from the environment so that they stay out of the file.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from etl.errors import ConfigError
@@ -24,6 +26,9 @@ TOKEN_ENV = "TASK_ETL_TOKEN"
 DATABASE_ENV = "TASK_ETL_DATABASE_URL"
 
 T = TypeVar("T")
+
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([smhdSMHD]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 @dataclass(frozen=True)
@@ -79,11 +84,44 @@ class DatabaseConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleConfig:
+    """When the daemon runs: every `interval` seconds, or at `cron` times."""
+
+    interval: float | None = 300.0
+    cron: str | None = None
+    timezone: str = "UTC"
+    jitter: float = 0.0
+    run_at_start: bool = True
+    deadline: float = 1800.0
+    misfire_grace: float = 86400.0
+
+
+@dataclass(frozen=True)
+class LocksConfig:
+    """One writer per account: how long to wait for one, how long a lease lasts."""
+
+    wait: float = 0.0
+    lease: float = 60.0
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    """Where every fetched task page is kept as received, for replay."""
+
+    dir: str
+    compression_level: int = 6
+    fsync: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     database: DatabaseConfig
     api: ApiConfig
     accounts: tuple[MainAccount, ...]
     path: str = ""
+    schedule: ScheduleConfig = ScheduleConfig()
+    locks: LocksConfig = LocksConfig()
+    archive: ArchiveConfig | None = None
 
     def token_for(self, user_id: str) -> str:
         """The token of a main account: its own if it has one, else the shared."""
@@ -117,7 +155,7 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
 def parse(document: Mapping[str, Any], path: str, environ: Mapping[str, str]) -> Config:
     """Build a `Config` from an already decoded TOML document."""
     reader = _Reader(document, path, "")
-    reader.check_keys({"database", "api", "accounts"})
+    reader.check_keys({"database", "api", "accounts", "schedule", "locks", "archive"})
 
     database = _read_database(reader.table("database"), environ)
     api = _read_api(reader.table("api"), environ)
@@ -127,7 +165,33 @@ def parse(document: Mapping[str, Any], path: str, environ: Mapping[str, str]) ->
             "at least one [[accounts]] entry is required", key="accounts", path=path
         )
     _check_tokens(api, accounts, path)
-    return Config(database=database, api=api, accounts=accounts, path=path)
+    return Config(
+        database=database,
+        api=api,
+        accounts=accounts,
+        path=path,
+        schedule=_read_schedule(reader.table("schedule")),
+        locks=_read_locks(reader.table("locks")),
+        archive=_read_archive(reader.table("archive"), "archive" in document),
+    )
+
+
+def _read_archive(reader: _Reader, is_present: bool) -> ArchiveConfig | None:
+    if not is_present:
+        return None
+    reader.check_keys({"dir", "compression_level", "fsync"})
+    directory = reader.require("dir", str).strip()
+    if not directory:
+        reader.fail("dir", "must not be empty")
+    d = ArchiveConfig(dir=directory)
+    level = reader.count("compression_level", d.compression_level)
+    if level > 9:
+        reader.fail("compression_level", "must be at most 9")
+    return ArchiveConfig(
+        dir=directory,
+        compression_level=level,
+        fsync=reader.get("fsync", bool, d.fsync),
+    )
 
 
 def _read_database(reader: _Reader, environ: Mapping[str, str]) -> DatabaseConfig:
@@ -237,6 +301,70 @@ def _read_account(reader: _Reader, environ: Mapping[str, str]) -> MainAccount:
     )
 
 
+def _read_schedule(reader: _Reader) -> ScheduleConfig:
+    reader.check_keys(
+        {
+            "interval",
+            "cron",
+            "timezone",
+            "jitter",
+            "run_at_start",
+            "deadline",
+            "misfire_grace",
+        }
+    )
+    d = ScheduleConfig()
+    cron = reader.get("cron", str, None)
+    if cron is not None and reader.has("interval"):
+        reader.fail("cron", "give schedule.interval or schedule.cron, not both")
+    timezone = reader.get("timezone", str, d.timezone)
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        reader.fail("timezone", f"unknown time zone {timezone!r}")
+    if cron is not None:
+        from etl.schedule import check_cron
+
+        try:
+            check_cron(cron)
+        except ValueError as exc:
+            reader.fail("cron", f"not a crontab expression {cron!r}: {exc}")
+    return ScheduleConfig(
+        interval=None if cron is not None else reader.duration("interval", d.interval),
+        cron=cron,
+        timezone=timezone,
+        jitter=reader.duration("jitter", d.jitter, zero=True),
+        run_at_start=reader.get("run_at_start", bool, d.run_at_start),
+        deadline=reader.duration("deadline", d.deadline),
+        misfire_grace=reader.duration("misfire_grace", d.misfire_grace),
+    )
+
+
+def _read_locks(reader: _Reader) -> LocksConfig:
+    reader.check_keys({"wait", "lease"})
+    d = LocksConfig()
+    lease = reader.duration("lease", d.lease)
+    if lease < 1:
+        reader.fail("lease", "must be at least 1 second")
+    return LocksConfig(wait=reader.duration("wait", d.wait, zero=True), lease=lease)
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from 90, 1.5, "90", "90s", "5m", "1h" or "1d"; ValueError else."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.fullmatch(value.strip())):
+        seconds = float(match[1]) * _UNITS[match[2].lower()]
+    else:
+        raise ValueError(
+            f'expected a duration such as "90s", "5m", "1h", "1d" or a number of '
+            f"seconds, got {value!r}"
+        )
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"a duration cannot be {value!r}")
+    return seconds
+
+
 def _check_tokens(api: ApiConfig, accounts: tuple[MainAccount, ...], path: str) -> None:
     for index, account in enumerate(accounts):
         if not (account.token or api.token):
@@ -256,7 +384,7 @@ class _Reader:
         self._path = path
         self._prefix = prefix
 
-    def fail(self, key: str, message: str) -> None:
+    def fail(self, key: str, message: str) -> NoReturn:
         raise ConfigError(message, key=self._prefix + key, path=self._path)
 
     def check_keys(self, known: set[str]) -> None:
@@ -277,6 +405,20 @@ class _Reader:
                 key, f"expected {_kind_name(kind)}, got {_kind_name(type(value))}"
             )
         return value
+
+    def has(self, key: str) -> bool:
+        return key in self._table
+
+    def duration(self, key: str, default: float | None, zero: bool = False) -> float:
+        if key not in self._table:
+            return float(default or 0.0)
+        try:
+            seconds = parse_duration(self._table[key])
+        except ValueError as exc:
+            self.fail(key, str(exc))
+        if seconds == 0 and not zero:
+            self.fail(key, "must be greater than 0")
+        return seconds
 
     def require(self, key: str, kind: type[T]) -> Any:
         if key not in self._table:

@@ -92,10 +92,26 @@ class StoreError(EtlError):
     """The database refused a write or is not at the expected schema."""
 
 
-class LockBusyError(EtlError):
-    """Another process holds the lock on an account."""
+class ArchiveError(EtlError):
+    """A file of the raw page archive could not be written or read; names it."""
 
-    exit_code = 3
+
+class AccountLockError(EtlError):
+    """About the lock that keeps one writer per account; names the account."""
+
+    def __init__(self, message: str, *, account: str = "") -> None:
+        self.account = account
+        super().__init__(f"account {account}: {message}" if account else message)
+
+
+class LockBusyError(AccountLockError):
+    """Another run holds the lock on an account, so this run skips it."""
+
+    exit_code = 4
+
+
+class LockLostError(AccountLockError):
+    """A run lost an account's lock while walking it; the account fails."""
 
 
 class RunInterrupted(EtlError):

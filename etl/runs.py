@@ -6,13 +6,13 @@ import logging
 import os
 import socket
 from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
 from typing import Any
-from datetime import UTC, datetime
 
 from sqlalchemy import ColumnElement, Engine, func, select, update
 
 from etl.accounts import Account
-from etl.models import accounts, sync_runs
+from etl.models import accounts, sync_run_accounts, sync_runs
 from etl.store import PageCounts, _insert_statement
 
 log = logging.getLogger(__name__)
@@ -24,14 +24,16 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def start_run(engine: Engine, kind: str) -> int:
+def start_run(engine: Engine, kind: str, *, lease: float = 60.0) -> int:
     """Record a new run as running, after abandoning crashed ones."""
-    abandon_dead_runs(engine)
+    abandon_dead_runs(engine, lease)
+    started = now()
     with engine.begin() as connection:
         result = connection.execute(
             sync_runs.insert().values(
                 kind=kind,
-                started_at=now(),
+                started_at=started,
+                heartbeat_at=started,
                 outcome="running",
                 host=socket.gethostname(),
                 pid=os.getpid(),
@@ -44,17 +46,28 @@ def start_run(engine: Engine, kind: str) -> int:
     return int(run_id)
 
 
-def abandon_dead_runs(engine: Engine) -> int:
-    """Mark abandoned the runs left `running` by a process of this host that
-    is gone: it crashed or was killed, and its run will never be finished."""
+def abandon_dead_runs(engine: Engine, lease: float = 60.0) -> int:
+    """Mark abandoned the runs left `running` by a process that is gone: it
+    crashed or was killed, and its run will never be finished. On this host
+    its pid tells; on any host, so does a heartbeat older than the lease."""
     host = socket.gethostname()
+    silent_since = now() - timedelta(seconds=lease)
     with engine.begin() as connection:
         running = connection.execute(
-            select(sync_runs.c.id, sync_runs.c.pid).where(
-                sync_runs.c.outcome == "running", sync_runs.c.host == host
-            )
+            select(
+                sync_runs.c.id,
+                sync_runs.c.host,
+                sync_runs.c.pid,
+                sync_runs.c.started_at,
+                sync_runs.c.heartbeat_at,
+            ).where(sync_runs.c.outcome == "running")
         ).all()
-        dead = [row.id for row in running if not _is_alive(row.pid)]
+        dead = [
+            row.id
+            for row in running
+            if (row.host == host and not is_alive(row.pid))
+            or (row.heartbeat_at or row.started_at) < silent_since
+        ]
         if dead:
             connection.execute(
                 update(sync_runs)
@@ -68,7 +81,8 @@ def abandon_dead_runs(engine: Engine) -> int:
     return len(dead)
 
 
-def _is_alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
+    """Whether a process of this host has this pid (a reused pid counts)."""
     if pid <= 0:
         return False
     try:
@@ -90,6 +104,7 @@ def finish_run(
     accounts_failed: int,
     pages: int,
     errors: list[str],
+    accounts_skipped: int = 0,
 ) -> datetime:
     finished = now()
     values = asdict(counts)
@@ -103,6 +118,7 @@ def finish_run(
                 finished_at=finished,
                 accounts=accounts_total,
                 accounts_failed=accounts_failed,
+                accounts_skipped=accounts_skipped,
                 pages=pages,
                 tasks_seen=counts.seen,
                 tasks_new=values["new"],
@@ -118,7 +134,47 @@ def finish_run(
     return finished
 
 
-def register_accounts(engine: Engine, found: list[Account]) -> None:
+def beat(engine: Engine, run_id: int) -> None:
+    """Show that a run is alive; see `abandon_dead_runs`."""
+    with engine.begin() as connection:
+        connection.execute(
+            update(sync_runs)
+            .where(sync_runs.c.id == run_id, sync_runs.c.outcome == "running")
+            .values(heartbeat_at=now())
+        )
+
+
+def record_walk(
+    engine: Engine,
+    run_id: int,
+    account: Account,
+    *,
+    outcome: str,
+    started: datetime,
+    pages: int = 0,
+    tasks_seen: int = 0,
+    error: str | None = None,
+) -> None:
+    """One row of `sync_run_accounts`: what a run did with one account."""
+    with engine.begin() as connection:
+        connection.execute(
+            sync_run_accounts.insert().values(
+                run_id=run_id,
+                user_id=account.user_id,
+                sub_user_id=account.sub_user_id,
+                outcome=outcome,
+                started_at=started,
+                finished_at=now(),
+                pages=pages,
+                tasks_seen=tasks_seen,
+                error=error,
+            )
+        )
+
+
+def register_accounts(
+    engine: Engine, found: list[Account], *, seen_at: datetime | None = None
+) -> None:
     """Add accounts not known yet; keep names current."""
     if not found:
         return
@@ -128,7 +184,7 @@ def register_accounts(engine: Engine, found: list[Account]) -> None:
             "sub_user_id": account.sub_user_id,
             "name": account.name,
             "origin": account.origin,
-            "first_seen_at": now(),
+            "first_seen_at": seen_at or now(),
         }
         for account in found
     ]
@@ -160,8 +216,9 @@ def record_account(
     outcome: str,
     error: str | None,
     complete: bool,
+    finished: datetime | None = None,
 ) -> None:
-    finished = now()
+    finished = finished or now()
     values: dict[str, object] = {
         "last_sync_at": started,
         "last_outcome": outcome,

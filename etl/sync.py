@@ -13,24 +13,43 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, tzinfo
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
-from etl import runs, store
+from etl import archive, locks, rollup, runs, store
 from etl.accounts import Account
 from etl.client import Client, Page
 from etl.config import Config
-from etl.errors import ApiError, EtlError
-from etl.parse import RejectedItem, clean, parse_task, to_text
+from etl.errors import (
+    ApiError,
+    ArchiveError,
+    EtlError,
+    LockBusyError,
+    RunInterrupted,
+    StoreError,
+)
+from etl.parse import ID_LENGTH, RejectedItem, clean, identify_task, to_text
 from etl.store import PageBatch, PageCounts, Reject
 
 log = logging.getLogger(__name__)
 
-EXIT_CODES = {"succeeded": 0, "failed": 1, "partial": 3, "stopped": 0}
+# 4: nothing failed, but another run held the lock of some account (or of
+# every one: outcome "skipped"); 130: stopped by a signal, as shells report.
+EXIT_CODES = {
+    "succeeded": 0,
+    "failed": 1,
+    "partial": 3,
+    "skipped": 4,
+    "stopped": 130,
+}
+EXIT_SKIPPED = 4
+# How often the writer and the stop watcher look up from waiting.
+POLL_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -44,9 +63,12 @@ class RunSummary:
     counts: PageCounts
     errors: tuple[str, ...]
     seconds: float
+    accounts_skipped: int = 0
 
     @property
     def exit_code(self) -> int:
+        if self.outcome == "succeeded" and self.accounts_skipped:
+            return EXIT_SKIPPED
         return EXIT_CODES.get(self.outcome, 1)
 
 
@@ -63,11 +85,23 @@ class Filters:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """How far a run has got, for a progress display."""
+
+    done: int
+    total: int
+    pages: int
+    tasks: int
+    unit: str = "accounts"
+
+
+@dataclass(frozen=True)
 class _WalkEnd:
     account: Account
     started: datetime
     complete: bool
     error: str | None
+    skipped: str | None = None
 
 
 @dataclass
@@ -76,6 +110,12 @@ class _AccountState:
     previous_complete: datetime | None = None
     seen: set[str] = field(default_factory=set)
     failed: bool = False
+    error: str | None = None
+    walk_started: datetime | None = None
+    pages: int = 0
+    tasks_seen: int = 0
+    ended: bool = False
+    skipped: bool = False
 
 
 def run_sync(
@@ -86,22 +126,49 @@ def run_sync(
     filters: Filters = Filters(),
     engine: Engine | None = None,
     client: Client | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    stop: threading.Event | None = None,
+    deadline: float | None = None,
 ) -> RunSummary:
-    """One run over the configured accounts (or those named in `only`)."""
+    """One run over the configured accounts (or those named in `only`).
+
+    Setting `stop` ends the run after the page being written, recorded as
+    "stopped"; a run still going `deadline` seconds after it began ends the
+    same way, recorded as "failed". Walks stop between pages and in retry
+    sleeps; an HTTP read in flight is bounded by `api.read_timeout`.
+    """
     engine = engine or store.connect(config.database)
     store.check_schema(engine)
+    halt = threading.Event()
     own_client = client is None
-    client = client or make_client(config)
+    client = client or make_client(config, sleep=_interruptible(halt))
+    run = _Run(config, engine, client, kind, filters, progress, halt)
     try:
-        return _Run(config, engine, client, kind, filters).execute(only)
+        summary = run.execute(only, stop=stop, deadline=deadline)
+    except SQLAlchemyError as exc:
+        # Outside a page (a file locked past the busy timeout, a server gone):
+        # the run cannot go on, and says so in one line.
+        raise StoreError(f"the database failed: {store._first_line(exc)}") from exc
     finally:
         if own_client:
             client.close()
+    rollup.refresh_after_run(engine, config.api.zone)
+    return summary
 
 
-def make_client(config: Config) -> Client:
+def make_client(config: Config, sleep: Callable[[float], None] = time.sleep) -> Client:
     tokens = {account.user_id: account.token for account in config.accounts}
-    return Client(config.api, {k: v for k, v in tokens.items() if v})
+    return Client(config.api, {k: v for k, v in tokens.items() if v}, sleep=sleep)
+
+
+def _interruptible(halt: threading.Event) -> Callable[[float], None]:
+    """A sleep for the client's retries and rate limit that a halt cuts short."""
+
+    def sleep(seconds: float) -> None:
+        if halt.wait(seconds):
+            raise RunInterrupted("the run was stopped")
+
+    return sleep
 
 
 class _Run:
@@ -112,8 +179,13 @@ class _Run:
         client: Client,
         kind: str,
         filters: Filters,
+        progress: Callable[[Progress], None] | None = None,
+        halt: threading.Event | None = None,
     ) -> None:
         self.config = config
+        self.progress = progress
+        self.walks_ended = 0
+        self.recorders: dict[Account, archive.WalkRecorder] = {}
         self.engine = engine
         self.client = client
         self.kind = kind
@@ -122,21 +194,39 @@ class _Run:
         self.pages = 0
         self.errors: list[str] = []
         self.states: dict[Account, _AccountState] = {}
-        self.stop = threading.Event()
+        # Set to end the walks: by a stop request, the deadline, or an error.
+        self.stop = halt or threading.Event()
+        self.halted_by: str | None = None
+        self.cut_short = False
+        self.locks: locks.AccountLocks | None = None
         # Room for two pages per fetcher keeps them busy while the writer
         # works, and bounds memory whatever the number of pages.
         self.queue: queue.Queue[PageBatch | _WalkEnd] = queue.Queue(
             maxsize=2 * config.api.parallelism
         )
 
-    def execute(self, only: Sequence[str]) -> RunSummary:
+    def execute(
+        self,
+        only: Sequence[str],
+        *,
+        stop: threading.Event | None = None,
+        deadline: float | None = None,
+    ) -> RunSummary:
         began = time.monotonic()
-        run_id = runs.start_run(self.engine, self.kind)
+        lease = self.config.locks.lease
+        run_id = runs.start_run(self.engine, self.kind, lease=lease)
         self.run_id = run_id
+        watcher = self._watch(stop, deadline)
+        holding = locks.hold(self.engine, self.config.locks, run_id, stop=self.stop)
         try:
-            found = self._resolve(only)
-            runs.register_accounts(self.engine, found)
-            self._walk_all(found)
+            with holding as self.locks:
+                found = self._resolve(only)
+                runs.register_accounts(self.engine, found)
+                self._walk_all(found)
+                self._end_cut_walks(deadline)
+        except RunInterrupted:
+            self.cut_short = True
+            self._end_cut_walks(deadline)
         except BaseException:
             self.stop.set()
             runs.finish_run(
@@ -150,9 +240,13 @@ class _Run:
                 errors=self.errors or ["the run crashed"],
             )
             raise
+        finally:
+            self.stop.set()
+            watcher.join()
 
         failed = sum(1 for state in self.states.values() if state.failed)
-        outcome = _outcome(len(self.states), failed, len(self.errors))
+        skipped = sum(1 for state in self.states.values() if state.skipped)
+        outcome = self._outcome(failed, skipped)
         runs.finish_run(
             self.engine,
             run_id,
@@ -162,6 +256,7 @@ class _Run:
             accounts_failed=failed,
             pages=self.pages,
             errors=self.errors,
+            accounts_skipped=skipped,
         )
         summary = RunSummary(
             run_id=run_id,
@@ -173,9 +268,87 @@ class _Run:
             counts=self.counts,
             errors=tuple(self.errors),
             seconds=time.monotonic() - began,
+            accounts_skipped=skipped,
         )
         _log_summary(summary)
         return summary
+
+    def _watch(
+        self, stop: threading.Event | None, deadline: float | None
+    ) -> threading.Thread:
+        """Halt the walks when a stop is requested or the deadline passes."""
+        ends = time.monotonic() + deadline if deadline else float("inf")
+
+        run_id = self.run_id
+
+        def watch() -> None:
+            while not self.stop.wait(POLL_SECONDS):
+                if stop is not None and stop.is_set():
+                    self.halted_by = "stopped"
+                    log.info("run %s: stopping after the page being written", run_id)
+                elif time.monotonic() >= ends:
+                    self.halted_by = "deadline"
+                else:
+                    continue
+                self.stop.set()
+
+        thread = threading.Thread(target=watch, name="run-watch", daemon=True)
+        thread.start()
+        return thread
+
+    def _end_cut_walks(self, deadline: float | None) -> None:
+        """Record the walks a halt cut short; nothing of them is removed."""
+        cut = [account for account, state in self.states.items() if not state.ended]
+        self.cut_short = self.cut_short or bool(cut)
+        if not self.cut_short:
+            return
+        if self.halted_by == "deadline":
+            message = (
+                f"deadline exceeded: the run was still going after {deadline:g} s "
+                "(schedule.deadline) and was stopped"
+            )
+            log.error("run %s: %s", self.run_id, message)
+            self.errors.append(message)
+        for account in cut:
+            state = self.states[account]
+            if state.walk_started is None:
+                continue
+            if self.halted_by == "deadline":
+                state.failed, state.error = True, "deadline exceeded"
+            outcome = "failed" if state.failed else "stopped"
+            runs.record_account(
+                self.engine,
+                account,
+                self.run_id,
+                started=state.walk_started,
+                outcome=outcome,
+                error=state.error,
+                complete=False,
+            )
+            self._record_walk(account, outcome)
+
+    def _outcome(self, failed: int, skipped: int) -> str:
+        if self.cut_short and self.halted_by == "stopped":
+            return "stopped"
+        if self.cut_short and self.halted_by == "deadline":
+            return "failed"
+        walked = len(self.states) - skipped
+        if skipped and not walked and not self.errors:
+            return "skipped"
+        return _outcome(walked, failed, len(self.errors))
+
+    def _record_walk(self, account: Account, outcome: str) -> None:
+        state = self.states[account]
+        runs.record_walk(
+            self.engine,
+            self.run_id,
+            account,
+            outcome=outcome,
+            started=state.walk_started or runs.now(),
+            pages=state.pages,
+            tasks_seen=state.tasks_seen,
+            error=state.error,
+        )
 
     def _resolve(self, only: Sequence[str]) -> list[Account]:
         found, errors = resolve_accounts(self.config, self.client)
@@ -192,20 +365,37 @@ class _Run:
         for account in found:
             self.states[account] = _AccountState()
         workers = max(1, min(self.config.api.parallelism, len(found)))
-        with ThreadPoolExecutor(workers, thread_name_prefix="walk") as pool:
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="walk")
+        try:
             for account in found:
                 pool.submit(self._fetch, account)
-            try:
-                self._write_until_done(len(found))
-            except BaseException:
-                # Release fetchers blocked on the full queue, or leaving the
-                # pool would wait for them for ever.
-                self.stop.set()
-                raise
+            self._write_until_done(len(found))
+        except BaseException:
+            # Release fetchers blocked on the full queue, or leaving the
+            # pool would wait for them for ever.
+            self.stop.set()
+            raise
+        finally:
+            # A halted run does not wait for a walk sitting in an HTTP read:
+            # that ends within api.read_timeout, and its page is dropped.
+            pool.shutdown(wait=not self.stop.is_set(), cancel_futures=True)
 
     def _fetch(self, account: Account) -> None:
         """Walk one account in a pool thread and queue what it finds."""
+        refused = self._take_lock(account)
+        if refused is not None:
+            self._put(refused)
+            return
         started = runs.now()
+        self.states[account].walk_started = started
+        recorder = archive.WalkRecorder(
+            self.config.archive,
+            account,
+            run_id=self.run_id,
+            kind=self.kind,
+            started=started,
+        )
+        self.recorders[account] = recorder
         try:
             walk = self.client.walk_tasks(
                 account, name=self.filters.name, statuses=self.filters.statuses
@@ -214,13 +404,32 @@ class _Run:
                 if self.stop.is_set() or self.states[account].failed:
                     self._put(_WalkEnd(account, started, False, None))
                     return
-                self._put(self._parse(page))
+                # Archived before it is stored, so no stored page is missing
+                # from the archive, and a failure stops the walk here.
+                recorder.add(page)
+                self._put(parse_page(page, self.config.api.zone))
             self._put(_WalkEnd(account, started, walk.is_complete, None))
+        except RunInterrupted:
+            self._put(_WalkEnd(account, started, False, None))
         except EtlError as exc:
             self._put(_WalkEnd(account, started, False, str(exc)))
         except Exception as exc:  # a bug must fail one account, not hang the run
             log.exception("unexpected error walking account %s", account.label)
-            self._put(_WalkEnd(account, started, False, f"internal error: {exc!r}"))
+            # The type only: an exception's text can quote a task's data.
+            error = f"internal error ({type(exc).__name__}); see the log"
+            self._put(_WalkEnd(account, started, False, error))
+
+    def _take_lock(self, account: Account) -> _WalkEnd | None:
+        """Lock the account for this run, or say why the walk cannot start."""
+        assert self.locks is not None, "locks are taken inside locks.hold()"
+        try:
+            self.locks.acquire(account)
+        except LockBusyError as exc:
+            log.warning("%s; skipped", exc)
+            return _WalkEnd(account, runs.now(), False, None, skipped=str(exc))
+        except EtlError as exc:
+            return _WalkEnd(account, runs.now(), False, str(exc))
+        return None
 
     def _put(self, item: PageBatch | _WalkEnd) -> None:
         while True:
@@ -231,33 +440,16 @@ class _Run:
                 if self.stop.is_set():
                     return
 
-    def _parse(self, page: Page) -> PageBatch:
-        zone = self.config.api.zone
-        records, rejects = [], []
-        for item in page.items:
-            try:
-                records.append(parse_task(item, page.account, zone))
-            except RejectedItem as exc:
-                log.warning(
-                    "account %s, endpoint %s, page %s: item rejected: %s",
-                    page.account.label,
-                    page.endpoint,
-                    page.number,
-                    exc,
-                )
-                rejects.append(Reject(str(exc), clean(item)))
-        return PageBatch(
-            account=page.account,
-            endpoint=page.endpoint,
-            number=page.number,
-            fetched_at=page.fetched_at,
-            records=records,
-            rejects=rejects,
-        )
-
     def _write_until_done(self, walking: int) -> None:
-        while walking:
-            item = self.queue.get()
+        # A halt ends the loop after the page being written; queued pages
+        # are dropped, and their walks count as cut short.
+        while walking and not self.stop.is_set():
+            try:
+                item = self.queue.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                continue
+            if self.stop.is_set():
+                break
             if isinstance(item, _WalkEnd):
                 self._end_walk(item)
                 walking -= 1
@@ -272,50 +464,130 @@ class _Run:
             state.started = batch.fetched_at
             state.previous_complete = runs.previous_complete(self.engine, batch.account)
         try:
+            assert self.locks is not None, "locks are taken inside locks.hold()"
+            self.locks.confirm(batch.account)
             counts = store.write_page(
                 self.engine, self.run_id, batch, state.previous_complete
             )
         except EtlError as exc:
-            state.failed = True
             self._fail(batch.account, str(exc))
             return
+        state.pages += 1
+        state.tasks_seen += len(batch.records)
         state.seen.update(record.uuid for record in batch.records)
         self.counts.add(counts)
         self.pages += 1
+        self._report_progress()
 
     def _end_walk(self, end: _WalkEnd) -> None:
         state = self.states[end.account]
+        state.ended = True
+        if end.skipped is not None:
+            state.skipped, state.error = True, end.skipped
+            state.walk_started = end.started
+            self._record_walk(end.account, "skipped")
+            self.walks_ended += 1
+            self._report_progress()
+            return
         if end.error and not state.failed:
-            state.failed = True
             self._fail(end.account, end.error)
         complete = end.complete and not state.failed and self.filters.is_empty
+        # One moment for the end marker, the removals and the account's
+        # record, so that a replay of the archive reproduces all three.
+        ended = runs.now()
+        complete = self._archive_end(end.account, complete, ended)
         if complete:
-            removed = store.mark_removals(
-                self.engine,
-                self.run_id,
-                end.account,
-                state.seen,
-                runs.now(),
-                state.previous_complete,
-            )
+            try:
+                removed = store.mark_removals(
+                    self.engine,
+                    self.run_id,
+                    end.account,
+                    state.seen,
+                    ended,
+                    state.previous_complete,
+                )
+            except EtlError as exc:
+                # The pages are stored; the next complete walk marks removals.
+                self._fail(end.account, str(exc))
+                complete, removed = False, 0
             self.counts.removed += removed
             self.counts.status_changes += removed
         outcome = "failed" if state.failed else "succeeded"
-        error = end.error if state.failed else None
         runs.record_account(
             self.engine,
             end.account,
             self.run_id,
             started=end.started,
             outcome=outcome,
-            error=error,
+            error=state.error,
             complete=complete,
+            finished=ended,
         )
+        self._record_walk(end.account, outcome)
+        assert self.locks is not None, "locks are taken inside locks.hold()"
+        self.locks.release(end.account)
         state.seen = set()
+        self.walks_ended += 1
+        self._report_progress()
+
+    def _archive_end(self, account: Account, complete: bool, ended: datetime) -> bool:
+        """Write the walk's end marker; if that fails, so does the account."""
+        state = self.states[account]
+        recorder = self.recorders.pop(account, None)
+        if recorder is None:
+            return complete
+        try:
+            recorder.finish(
+                ended=ended, complete=complete, failed=state.failed, error=state.error
+            )
+        except ArchiveError as exc:
+            self._fail(account, str(exc))
+            return False
+        return complete
 
     def _fail(self, account: Account, message: str) -> None:
         log.error("account %s failed: %s", account.label, message)
+        state = self.states[account]
+        state.failed = True
+        state.error = state.error or message
         self.errors.append(message)
+
+    def _report_progress(self) -> None:
+        if self.progress is not None:
+            self.progress(
+                Progress(
+                    done=self.walks_ended,
+                    total=len(self.states),
+                    pages=self.pages,
+                    tasks=self.counts.seen,
+                )
+            )
+
+
+def parse_page(page: Page, zone: tzinfo) -> PageBatch:
+    """Identify a page's tasks for the store, which parses those it writes;
+    refused items are kept."""
+    records, rejects = [], []
+    for item in page.items:
+        try:
+            records.append(identify_task(item, page.account, zone))
+        except RejectedItem as exc:
+            log.warning(
+                "account %s, endpoint %s, page %s: item rejected: %s",
+                page.account.label,
+                page.endpoint,
+                page.number,
+                exc,
+            )
+            rejects.append(Reject(str(exc), clean(item)))
+    return PageBatch(
+        account=page.account,
+        endpoint=page.endpoint,
+        number=page.number,
+        fetched_at=page.fetched_at,
+        records=records,
+        rejects=rejects,
+    )
 
 
 def resolve_accounts(config: Config, client: Client) -> tuple[list[Account], list[str]]:
@@ -343,10 +615,14 @@ def discover_sub_accounts(client: Client, user_id: str) -> list[Account]:
     found: list[Account] = []
     for page in client.walk_sub_accounts(user_id):
         for item in page.items:
-            sub_id = to_text(item.get("id")) if isinstance(item, dict) else None
-            if sub_id is None:
+            # Cleaned like a task: a name with NUL or half an emoji would
+            # fail the accounts table on one database or the other.
+            item = clean(item)
+            sub_id = to_text(item.get("id"))
+            if sub_id is None or len(sub_id) > ID_LENGTH:
                 log.warning(
-                    "account %s, endpoint %s, page %s: sub-account without id skipped",
+                    "account %s, endpoint %s, page %s: sub-account without a"
+                    " usable id skipped",
                     user_id,
                     page.endpoint,
                     page.number,
@@ -368,14 +644,15 @@ def _outcome(accounts: int, failed: int, errors: int) -> str:
 def _log_summary(summary: RunSummary) -> None:
     counts = summary.counts
     log.info(
-        "run %s %s in %.1f s: %s accounts (%s failed), %s pages, %s tasks seen, "
-        "%s new, %s changed, %s removed, %s restored, %s status changes, "
-        "%s rejected",
+        "run %s %s in %.1f s: %s accounts (%s failed, %s skipped), %s pages, "
+        "%s tasks seen, %s new, %s changed, %s removed, %s restored, "
+        "%s status changes, %s rejected",
         summary.run_id,
         summary.outcome,
         summary.seconds,
         summary.accounts,
         summary.accounts_failed,
+        summary.accounts_skipped,
         summary.pages,
         counts.seen,
         counts.new,

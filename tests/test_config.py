@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,165 @@ def test_path_comes_from_option_then_environment_then_default(
     assert config.resolve_path(None) == Path("/env.toml")
     monkeypatch.delenv("TASK_ETL_CONFIG")
     assert config.resolve_path(None) == Path("task-etl.toml")
+
+
+def test_archive_is_off_without_its_table(tmp_path: Path) -> None:
+    assert config.load(write(tmp_path, MINIMAL), {}).archive is None
+
+
+def test_archive_table_needs_only_its_directory(tmp_path: Path) -> None:
+    loaded = config.load(write(tmp_path, MINIMAL + '[archive]\ndir = "raw"\n'), {})
+
+    assert loaded.archive == config.ArchiveConfig(
+        dir="raw", compression_level=6, fsync=True
+    )
+
+
+def test_example_archive_table_shows_every_default(tmp_path: Path) -> None:
+    # The table is commented out in the example, as the archive is optional.
+    lines = (ROOT / "config.example.toml").read_text(encoding="utf-8").splitlines()
+    start = lines.index("# [archive]")
+    end = lines.index("", start)
+    settings = "\n".join(
+        line.removeprefix("# ")
+        for line in lines[start:end]
+        if re.fullmatch(r"# (\[archive\]|\w+ = .+)", line)
+    )
+
+    loaded = config.load(write(tmp_path, MINIMAL + settings + "\n"), {})
+
+    assert loaded.archive == config.ArchiveConfig(dir="task-etl-archive")
+    keys = {line.split(" = ")[0] for line in settings.splitlines()[1:]}
+    assert keys == set(config.ArchiveConfig.__dataclass_fields__)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("[archive]\n", "archive.dir: required key is missing"),
+        ('[archive]\ndir = " "\n', "archive.dir: must not be empty"),
+        ("[archive]\ndir = 5\n", "archive.dir: expected a string, got an integer"),
+        (
+            '[archive]\ndir = "a"\ncompression_level = 0\n',
+            "archive.compression_level: must be at least 1",
+        ),
+        (
+            '[archive]\ndir = "a"\ncompression_level = 10\n',
+            "archive.compression_level: must be at most 9",
+        ),
+        (
+            '[archive]\ndir = "a"\nfsync = "no"\n',
+            "archive.fsync: expected true or false, got a string",
+        ),
+        ('[archive]\ndir = "a"\nkeep_days = 3\n', "archive.keep_days: unknown key"),
+        ('archive = "raw"\n', "archive: expected a table, got a string"),
+    ],
+    ids=[
+        "no-dir",
+        "empty-dir",
+        "dir-not-text",
+        "level-too-low",
+        "level-too-high",
+        "fsync-not-bool",
+        "unknown-key",
+        "not-a-table",
+    ],
+)
+def test_bad_archive_tables_name_the_key_and_the_file(
+    tmp_path: Path, table: str, message: str
+) -> None:
+    # Top-level keys must come before the first table in TOML.
+    text = table + MINIMAL if not table.startswith("[") else MINIMAL + table
+    path = write(tmp_path, text)
+
+    with pytest.raises(ConfigError) as raised:
+        config.load(path, {})
+
+    assert str(raised.value).startswith(f"{path}: {message}")
+
+
+def test_example_schedule_and_locks_are_the_defaults() -> None:
+    loaded = config.load(ROOT / "config.example.toml", {"TASK_ETL_TOKEN": "t"})
+
+    assert loaded.schedule == config.ScheduleConfig()
+    assert loaded.locks == config.LocksConfig()
+
+
+def test_schedule_and_locks_have_defaults_without_their_tables(tmp_path: Path) -> None:
+    loaded = config.load(write(tmp_path, MINIMAL), {})
+
+    assert (loaded.schedule.interval, loaded.schedule.cron) == (300.0, None)
+    assert (loaded.schedule.deadline, loaded.schedule.timezone) == (1800.0, "UTC")
+    assert (loaded.locks.wait, loaded.locks.lease) == (0.0, 60.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("90s", 90), ("5m", 300), ("1h", 3600), ("1d", 86400), ("2 H", 7200)]
+    + [(90, 90), (1.5, 1.5), ("45", 45), ("0.5m", 30)],
+    ids=["s", "m", "h", "d", "space-upper", "int", "float", "digits", "fraction"],
+)
+def test_durations_take_a_unit_or_plain_seconds(value: object, seconds: float) -> None:
+    assert config.parse_duration(value) == seconds
+
+
+def test_a_cron_schedule_replaces_the_interval(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        "[api]", '[schedule]\ncron = "30 2 * * *"\ntimezone = "Europe/Berlin"\n[api]'
+    )
+
+    loaded = config.load(write(tmp_path, text), {})
+
+    assert loaded.schedule.interval is None
+    assert loaded.schedule.cron == "30 2 * * *"
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (
+            '[schedule]\ninterval = "5m"\ncron = "* * * * *"\n',
+            "schedule.cron: give schedule.interval or schedule.cron, not both",
+        ),
+        ('[schedule]\ncron = "* * *"\n', "schedule.cron: not a crontab expression"),
+        ('[schedule]\ncron = "0 0 * * 9"\n', "schedule.cron: not a crontab"),
+        ('[schedule]\ncron = "0 25 * * *"\n', "schedule.cron: not a crontab"),
+        ('[schedule]\ninterval = "5 minutes"\n', "schedule.interval: expected a"),
+        ("[schedule]\ninterval = 0\n", "schedule.interval: must be greater than 0"),
+        ("[schedule]\njitter = -1\n", "schedule.jitter: a duration cannot be -1"),
+        ('[schedule]\ndeadline = "0s"\n', "schedule.deadline: must be greater"),
+        ("[schedule]\ninterval = true\n", "schedule.interval: expected a duration"),
+        ('[schedule]\ntimezone = "Mars/Base"\n', "schedule.timezone: unknown time"),
+        ('[schedule]\nrun_at_start = "yes"\n', "schedule.run_at_start: expected true"),
+        ("[schedule]\nevery = 5\n", "schedule.every: unknown key"),
+        ("[locks]\nlease = 0.5\n", "locks.lease: must be at least 1 second"),
+        ('[locks]\nwait = "soon"\n', "locks.wait: expected a duration"),
+        ("[locks]\nretries = 3\n", "locks.retries: unknown key"),
+    ],
+    ids=[
+        "interval-and-cron",
+        "cron-three-fields",
+        "cron-weekday-9",
+        "cron-hour-25",
+        "interval-words",
+        "interval-zero",
+        "jitter-negative",
+        "deadline-zero",
+        "interval-bool",
+        "bad-zone",
+        "run-at-start-text",
+        "unknown-schedule-key",
+        "lease-too-short",
+        "wait-words",
+        "unknown-locks-key",
+    ],
+)
+def test_bad_schedule_and_locks_name_the_key_and_the_file(
+    tmp_path: Path, table: str, message: str
+) -> None:
+    path = write(tmp_path, MINIMAL + table)
+
+    with pytest.raises(ConfigError) as raised:
+        config.load(path, {})
+
+    assert str(raised.value).startswith(f"{path}: {message}")

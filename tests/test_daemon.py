@@ -1,0 +1,470 @@
+"""The daemon and `sync` as real processes, against the simulator served here.
+
+Each test starts `task-etl` in a subprocess, drives it with signals and reads
+what it did from the database. Every wait is bounded.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from etl import config as config_module
+from etl import store
+from etl.config import ApiConfig, Config, DatabaseConfig, MainAccount
+from etl.models import sync_run_accounts, sync_runs, task_status_changes, tasks
+from etl.simulator import SimServer, Simulator
+from etl.sync import RunSummary, run_sync
+
+TOKEN = "sim-token"
+EXIT_WAIT = 20.0
+
+
+@dataclass
+class Daemon:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self, number: int = signal.SIGTERM) -> int:
+        self.process.send_signal(number)
+        try:
+            return self.process.wait(timeout=EXIT_WAIT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=EXIT_WAIT)
+            raise AssertionError(
+                f"no exit {EXIT_WAIT} s after a signal:\n{self.log}"
+            ) from None
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=EXIT_WAIT)
+
+
+@pytest.fixture
+def simulator() -> Simulator:
+    return Simulator(seed=8, main_accounts=1, sub_accounts=1, tasks_per_account=4)
+
+
+@pytest.fixture
+def server(simulator: Simulator) -> Iterator[SimServer]:
+    with simulator.serve() as server:
+        yield server
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = store.connect(DatabaseConfig(url=db_url))
+    store.migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def started(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start `task-etl COMMAND`; whatever is still running at the end is killed."""
+    processes: list[Daemon] = []
+
+    def start(path: Path, command: str = "daemon") -> Daemon:
+        log_path = tmp_path / f"{command}-{len(processes)}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-c", "from etl.cli import main; main()"]
+                + ["--config", str(path), command],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "TASK_ETL_TOKEN": TOKEN},
+            )
+        processes.append(Daemon(process, log_path))
+        return processes[-1]
+
+    yield start
+    for daemon in processes:
+        daemon.kill()
+
+
+def write_config(
+    tmp_path: Path,
+    server: SimServer,
+    simulator: Simulator,
+    db_url: str,
+    schedule: str = "interval = 1",
+    api: str = "",
+    locks: str = "wait = 0",
+) -> Path:
+    accounts = "".join(
+        f'[[accounts]]\nuser_id = "{user_id}"\ndiscover_sub_accounts = true\n'
+        for user_id in simulator.main_user_ids()
+    )
+    path = tmp_path / "task-etl.toml"
+    path.write_text(
+        f'[database]\nurl = "{db_url}"\n'
+        f'[api]\nbase_url = "{server.url}"\npage_size = 2\n'
+        f"requests_per_second = 1000.0\nread_timeout = 10\n{api}\n"
+        f"[schedule]\n{schedule}\n[locks]\n{locks}\n" + accounts,
+        encoding="utf-8",
+    )
+    return path
+
+
+def add_tasks(simulator: Simulator, per_account: int, only_main: bool = False) -> None:
+    """More pages per account, so that a run lasts while a test acts on it."""
+    for account in simulator.accounts():
+        if not (only_main and account.sub_user_id):
+            for _ in range(per_account):
+                simulator.add_task(account.user_id, account.sub_user_id)
+
+
+def wait_until(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def all_runs(engine: Engine) -> list[Any]:
+    with engine.connect() as connection:
+        return list(connection.execute(select(sync_runs).order_by(sync_runs.c.id)))
+
+
+def finished_runs(engine: Engine) -> list[Any]:
+    return [run for run in all_runs(engine) if run.finished_at is not None]
+
+
+def count(engine: Engine, table: Any) -> int:
+    with engine.connect() as connection:
+        query = select(func.count()).select_from(table)
+        return int(connection.execute(query).scalar_one())
+
+
+def test_runs_start_on_schedule_and_never_overlap(
+    tmp_path: Path,
+    server: SimServer,
+    simulator: Simulator,
+    db_url: str,
+    engine: Engine,
+    started: Callable[..., Daemon],
+) -> None:
+    daemon = started(write_config(tmp_path, server, simulator, db_url))
+
+    wait_until(lambda: len(finished_runs(engine)) >= 3, "three runs")
+    code = daemon.stop()
+
+    assert code == 0, daemon.log
+    done = all_runs(engine)
+    assert {run.outcome for run in done} <= {"succeeded", "stopped"}
+    assert all(a.finished_at <= b.started_at for a, b in pairwise(done))
+    # On time: each run starts a whole number of intervals after the first.
+    offsets = [(run.started_at - done[0].started_at).total_seconds() for run in done]
+    assert all(abs(offset - round(offset)) < 0.4 for offset in offsets), offsets
+    assert [round(offset) for offset in offsets] == sorted({*map(round, offsets)})
+    assert "daemon stopped" in daemon.log
+
+
+def test_sigterm_mid_run_stops_after_the_page_and_exits_0(
+    tmp_path: Path,
+    server: SimServer,
+    simulator: Simulator,
+    db_url: str,
+    engine: Engine,
+    started: Callable[..., Daemon],
+) -> None:
+    add_tasks(simulator, 16, only_main=True)
+    simulator.delay = 0.05
+    daemon = started(write_config(tmp_path, server, simulator, db_url))
+
+    wait_until(lambda: count(engine, tasks) > 0, "a first page stored")
+    code = daemon.stop(signal.SIGTERM)
+
+    assert code == 0, daemon.log
+    (run,) = all_runs(engine)
+    assert run.outcome == "stopped", daemon.log
+    assert run.finished_at is not None
+    assert run.pages > 0
+    assert run.tasks_seen == count(engine, tasks)
+    assert "SIGTERM received: stopping after the page being written" in daemon.log
+
+
+def test_ctrl_c_stops_a_sync_which_exits_130(
+    tmp_path: Path,
+    server: SimServer,
+    simulator: Simulator,
+    db_url: str,
+    engine: Engine,
+    started: Callable[..., Daemon],
+) -> None:
+    add_tasks(simulator, 16, only_main=True)
+    simulator.delay = 0.05
+    sync = started(write_config(tmp_path, server, simulator, db_url), "sync")
+
+    wait_until(lambda: count(engine, tasks) > 0, "a first page stored")
+    code = sync.stop(signal.SIGINT)
+
+    assert code == 130, sync.log
+    (run,) = all_runs(engine)
+    assert (run.outcome, run.pages > 0) == ("stopped", True)
+    assert f"Run {run.id} (sync) stopped" in sync.log
+    assert "Traceback" not in sync.log
+
+
+def test_a_second_signal_exits_at_once_and_the_next_run_cleans_up(
+    tmp_path: Path,
+    server: SimServer,
+    simulator: Simulator,
+    db_url: str,
+    engine: Engine,
+    started: Callable[..., Daemon],
+) -> None:
+    simulator.delay = 3.0
+    path = write_config(tmp_path, server, simulator, db_url)
+    daemon = started(path)
+    wait_until(lambda: all_runs(engine), "a run started")
+
+    daemon.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    code = daemon.stop(signal.SIGTERM)
+
+    assert code == 128 + signal.SIGTERM, daemon.log
+    assert "second SIGTERM: exiting at once" in daemon.log
+    simulator.delay = 0.0
+    summary = run_sync(load(path), engine=engine)
+    outcomes = [run.outcome for run in all_runs(engine)]
+    assert (summary.outcome, outcomes) == (
+        "succeeded",
+        ["abandoned", "succeeded"],
+    ), daemon.log
+
+
+def load(path: Path) -> config_module.Config:
+    return config_module.load(path, {"TASK_ETL_TOKEN": TOKEN})
+
+
+def test_two_daemons_never_walk_the_same_account_at_once(
+    tmp_path: Path,
+    server: SimServer,
+    simulator: Simulator,
+    db_url: str,
+    engine: Engine,
+    started: Callable[..., Daemon],
+) -> None:
+    # Each run holds both accounts for most of the interval, so runs of the
+    # two daemons cannot help meeting.
+    add_tasks(simulator, 10)
+    simulator.delay = 0.1
+    path = write_config(tmp_path, server, simulator, db_url, api="parallelism = 2")
+    first, second = started(path), started(path)
+
+    wait_until(lambda: len(finished_runs(engine)) >= 4, "four runs")
+    codes = (first.stop(), second.stop())
+
+    assert codes == (0, 0), first.log + second.log
+    with engine.connect() as connection:
+        walks = list(connection.execute(select(sync_run_accounts)))
+    assert {run.pid for run in all_runs(engine)} == {
+        first.process.pid,
+        second.process.pid,
+    }
+    assert any(walk.outcome == "skipped" for walk in walks), first.log + second.log
+    by_account: dict[tuple[str, str], list[Any]] = {}
+    for walk in walks:
+        if walk.outcome != "skipped":
+            by_account.setdefault((walk.user_id, walk.sub_user_id), []).append(walk)
+    assert len(by_account) == 2
+    for account_walks in by_account.values():
+        account_walks.sort(key=lambda walk: walk.started_at)
+        for a, b in pairwise(account_walks):
+            assert a.finished_at <= b.started_at, (a, b)
+
+
+def snapshot(engine: Engine) -> tuple[set[tuple[Any, ...]], Counter[tuple[Any, ...]]]:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(
+                tasks.c.uuid,
+                tasks.c.user_id,
+                tasks.c.sub_user_id,
+                tasks.c.status,
+                tasks.c.content_hash,
+                tasks.c.removed_at.is_(None),
+            )
+        )
+        changes = connection.execute(
+            select(
+                task_status_changes.c.task_uuid,
+                task_status_changes.c.event,
+                task_status_changes.c.old_status,
+                task_status_changes.c.new_status,
+            )
+        )
+        return {tuple(row) for row in rows}, Counter(tuple(row) for row in changes)
+
+
+def test_a_daemon_killed_mid_run_is_followed_by_a_clean_run(
+    tmp_path: Path,
+    server: SimServer,
+    simulator: Simulator,
+    db_url: str,
+    engine: Engine,
+    started: Callable[..., Daemon],
+) -> None:
+    add_tasks(simulator, 12)
+    simulator.delay = 0.03
+    # PostgreSQL frees a killed session's locks once it notices the socket
+    # closed; the next run may have to wait that long.
+    path = write_config(tmp_path, server, simulator, db_url, locks="wait = 10")
+    daemon = started(path)
+    wait_until(lambda: count(engine, tasks) >= 4, "some pages stored")
+
+    daemon.kill()
+    simulator.delay = 0.0
+    summary = run_sync(load(path), engine=engine)
+
+    assert summary.outcome == "succeeded"
+    assert [run.outcome for run in all_runs(engine)] == ["abandoned", "succeeded"]
+    clean = store.connect(DatabaseConfig(url=f"sqlite:///{tmp_path / 'clean.db'}"))
+    store.migrate(clean)
+    run_sync(load(path), engine=clean)
+    stored, changes = snapshot(engine)
+    assert (stored, changes) == snapshot(clean)
+    assert set(changes.values()) == {1}
+    clean.dispose()
+
+
+def test_a_run_past_its_deadline_fails_and_the_daemon_goes_on(
+    tmp_path: Path,
+    server: SimServer,
+    simulator: Simulator,
+    db_url: str,
+    engine: Engine,
+    started: Callable[..., Daemon],
+) -> None:
+    add_tasks(simulator, 16, only_main=True)
+    simulator.delay = 0.2
+    schedule = "interval = 1.5\ndeadline = 1"
+    daemon = started(write_config(tmp_path, server, simulator, db_url, schedule))
+
+    wait_until(lambda: finished_runs(engine), "a first run ended")
+    simulator.delay = 0.0
+    wait_until(
+        lambda: any(run.outcome == "succeeded" for run in all_runs(engine)),
+        "a run that succeeded",
+    )
+    code = daemon.stop()
+
+    assert code == 0, daemon.log
+    first = all_runs(engine)[0]
+    assert first.outcome == "failed"
+    assert "deadline exceeded" in first.error
+    assert "deadline exceeded: the run was still going after 1 s" in daemon.log
+
+
+def test_skipped_and_missed_runs_are_logged_and_an_outage_ends_in_one_run(
+    tmp_path: Path,
+    server: SimServer,
+    simulator: Simulator,
+    sqlite_url: str,
+    started: Callable[..., Daemon],
+) -> None:
+    # The scheduler is under test here; the database only keeps the record.
+    engine = store.connect(DatabaseConfig(url=sqlite_url))
+    store.migrate(engine)
+    add_tasks(simulator, 12, only_main=True)
+    simulator.delay = 0.15
+    daemon = started(write_config(tmp_path, server, simulator, sqlite_url))
+    wait_until(lambda: finished_runs(engine), "a first, slow run")
+    simulator.delay = 0.0
+
+    daemon.process.send_signal(signal.SIGSTOP)
+    time.sleep(2.5)
+    daemon.process.send_signal(signal.SIGCONT)
+    resumed = runs_count = len(all_runs(engine))
+    wait_until(lambda: len(finished_runs(engine)) >= resumed + 2, "two more runs")
+    code = daemon.stop()
+
+    assert code == 0, daemon.log
+    assert "was skipped: the previous run is still going" in daemon.log
+    assert "scheduled run(s) from" in daemon.log, daemon.log
+    assert "did not start: the daemon was suspended or busy" in daemon.log
+    starts = [run.started_at for run in all_runs(engine)][runs_count:]
+    assert all((b - a).total_seconds() > 0.5 for a, b in pairwise(starts)), starts
+    engine.dispose()
+
+
+class _Unavailable(BaseHTTPRequestHandler):
+    """Asks every caller to come back in 30 s."""
+
+    def do_GET(self) -> None:
+        body = b'{"code": 503, "status": "error", "message": "busy"}'
+        self.send_response(503)
+        self.send_header("Retry-After", "30")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def unavailable() -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.parametrize(
+    ("discover", "halt", "outcome"),
+    [
+        (False, "stop", "stopped"),
+        (False, "deadline", "failed"),
+        (True, "stop", "stopped"),
+    ],
+    ids=["walk-stop", "walk-deadline", "discovery-stop"],
+)
+def test_a_stop_or_the_deadline_cuts_a_retry_sleep_short(
+    unavailable: str, engine: Engine, discover: bool, halt: str, outcome: str
+) -> None:
+    config = Config(
+        database=DatabaseConfig(),
+        api=ApiConfig(base_url=unavailable, token=TOKEN),
+        accounts=(MainAccount(user_id="main-1", discover_sub_accounts=discover),),
+    )
+    stop = threading.Event()
+    summaries: list[RunSummary] = []
+    options = {"stop": stop} if halt == "stop" else {"deadline": 0.5}
+    run = threading.Thread(
+        target=lambda: summaries.append(run_sync(config, engine=engine, **options))
+    )
+    run.start()
+    time.sleep(0.5)
+    stop.set()
+    run.join(timeout=10)
+
+    assert not run.is_alive(), "the run slept through the stop"
+    (summary,) = summaries
+    assert (summary.outcome, summary.pages) == (outcome, 0)
+    if halt == "deadline":
+        assert "deadline exceeded" in summary.errors[-1]

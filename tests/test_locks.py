@@ -1,0 +1,431 @@
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from alembic import command
+from sqlalchemy import Engine, insert, text
+from sqlalchemy import select as select_rows
+
+from etl import locks, runs, store
+from etl.accounts import Account
+from etl.config import (
+    ApiConfig,
+    Config,
+    DatabaseConfig,
+    LocksConfig,
+    MainAccount,
+)
+from etl.errors import LockBusyError, LockLostError
+from etl.models import account_locks, sync_run_accounts, sync_runs, tasks
+from etl.report import describe_run
+from etl.simulator import SimServer, Simulator
+from etl.sync import run_sync
+
+HOST = socket.gethostname()
+ACCOUNT = Account("main-1", "sub-1")
+PREVIOUS_REVISION = "b5e7d2c4a002"
+
+HOLDER = """
+import sys, time
+from etl import locks, store
+from etl.accounts import Account
+from etl.config import DatabaseConfig, LocksConfig
+engine = store.connect(DatabaseConfig(url=sys.argv[1]))
+held = locks.open_locks(engine, LocksConfig(lease=60))
+held.acquire(Account("main-1", "sub-1"))
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = store.connect(DatabaseConfig(url=db_url))
+    store.migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def simulator() -> Simulator:
+    return Simulator(seed=4, main_accounts=2, sub_accounts=1, tasks_per_account=5)
+
+
+@pytest.fixture
+def server(simulator: Simulator) -> Iterator[SimServer]:
+    with simulator.serve() as server:
+        yield server
+
+
+def make_config(server: SimServer, simulator: Simulator, **locks: Any) -> Config:
+    return Config(
+        database=DatabaseConfig(),
+        api=ApiConfig(
+            base_url=server.url,
+            token=simulator.token,
+            page_size=3,
+            requests_per_second=1000.0,
+        ),
+        accounts=tuple(
+            MainAccount(user_id=user_id, discover_sub_accounts=True)
+            for user_id in simulator.main_user_ids()
+        ),
+        locks=LocksConfig(**locks),
+    )
+
+
+def start_holder(url: str) -> subprocess.Popen[str]:
+    """Another process that takes ACCOUNT's lock and keeps it."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, url], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], 30)
+    if not ready or process.stdout.readline().strip() != "held":
+        process.kill()
+        process.wait(timeout=10)
+        raise AssertionError("the holder process did not take the lock")
+    return process
+
+
+def test_a_held_lock_is_refused_with_the_holder_named(engine: Engine) -> None:
+    first = locks.open_locks(engine, LocksConfig())
+    second = locks.open_locks(engine, LocksConfig())
+    first.acquire(ACCOUNT)
+
+    with pytest.raises(LockBusyError) as refused:
+        second.acquire(ACCOUNT)
+
+    assert str(refused.value).startswith(
+        f"account main-1:sub-1: another run holds its lock (host {HOST} pid "
+        f"{os.getpid()}"
+    )
+    assert refused.value.exit_code == 4
+    first.release(ACCOUNT)
+    second.acquire(ACCOUNT)
+    first.close()
+    second.close()
+
+
+def test_a_waiting_run_gets_the_lock_when_the_holder_lets_go(engine: Engine) -> None:
+    first = locks.open_locks(engine, LocksConfig())
+    second = locks.open_locks(engine, LocksConfig(wait=30))
+    first.acquire(ACCOUNT)
+    letting_go = threading.Timer(0.3, first.release, [ACCOUNT])
+    letting_go.start()
+
+    second.acquire(ACCOUNT)
+
+    letting_go.join()
+    with pytest.raises(LockBusyError):
+        first.acquire(ACCOUNT)
+    first.close()
+    second.close()
+
+
+def test_closing_gives_back_every_lock(engine: Engine) -> None:
+    first = locks.open_locks(engine, LocksConfig())
+    other = Account("main-2")
+    first.acquire(ACCOUNT)
+    first.acquire(other)
+
+    first.close()
+
+    second = locks.open_locks(engine, LocksConfig())
+    second.acquire(ACCOUNT)
+    second.acquire(other)
+    second.close()
+
+
+def test_a_lock_held_by_a_killed_process_is_taken_over(
+    engine: Engine, db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    holder = start_holder(db_url)
+    comer = locks.open_locks(engine, LocksConfig(wait=20))
+    try:
+        with pytest.raises(LockBusyError, match=f"host {HOST} pid {holder.pid}"):
+            locks.open_locks(engine, LocksConfig()).acquire(ACCOUNT)
+
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+        with caplog.at_level(logging.WARNING, logger="etl.locks"):
+            comer.acquire(ACCOUNT)
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+        comer.close()
+
+    if engine.dialect.name == "sqlite":
+        assert f"took over the lock of host {HOST} pid {holder.pid}" in caplog.text
+
+
+def insert_lock(engine: Engine, host: str, pid: int, expires_at: datetime) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            insert(account_locks).values(
+                user_id=ACCOUNT.user_id,
+                sub_user_id=ACCOUNT.sub_user_id,
+                holder=f"{host}:{pid}:0",
+                host=host,
+                pid=pid,
+                acquired_at=expires_at - timedelta(seconds=60),
+                expires_at=expires_at,
+            )
+        )
+
+
+def test_a_lease_from_another_host_is_taken_over_only_once_it_ran_out(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = store.connect(DatabaseConfig(url=sqlite_url))
+    store.migrate(engine)
+    expires = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+    insert_lock(engine, "elsewhere", 4242, expires)
+    config = LocksConfig(lease=60)
+    second = timedelta(seconds=1)
+    before = locks.LeaseLocks(engine, config, clock=lambda: expires - second)
+    after = locks.LeaseLocks(engine, config, clock=lambda: expires + second)
+
+    with pytest.raises(LockBusyError, match="host elsewhere pid 4242, lease until"):
+        before.acquire(ACCOUNT)
+    with caplog.at_level(logging.WARNING, logger="etl.locks"):
+        after.acquire(ACCOUNT)
+
+    assert "pid 4242, whose lease ran out" in caplog.text
+    with engine.connect() as connection:
+        row = connection.execute(select_rows(account_locks)).one()
+    assert (row.host, row.pid) == (HOST, os.getpid())
+    assert row.expires_at == expires + timedelta(seconds=61)
+    after.close()
+    engine.dispose()
+
+
+def test_a_run_whose_lease_was_taken_over_writes_no_more(sqlite_url: str) -> None:
+    engine = store.connect(DatabaseConfig(url=sqlite_url))
+    store.migrate(engine)
+    start = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+    config = LocksConfig(lease=60)
+    suspended = locks.LeaseLocks(engine, config, clock=lambda: start)
+    suspended.acquire(ACCOUNT)
+    later = locks.LeaseLocks(engine, config, clock=lambda: start + timedelta(hours=1))
+    later.acquire(ACCOUNT)
+
+    with pytest.raises(LockLostError, match="account main-1:sub-1: this run lost"):
+        suspended.confirm(ACCOUNT)
+
+    later.confirm(ACCOUNT)
+    suspended.close()
+    later.close()
+    engine.dispose()
+
+
+def test_the_heartbeat_keeps_the_run_and_its_leases_alive(engine: Engine) -> None:
+    run_id = runs.start_run(engine, "sync")
+    with engine.connect() as connection:
+        first = connection.execute(select_rows(sync_runs.c.heartbeat_at)).scalar_one()
+
+    with locks.hold(engine, LocksConfig(lease=0.3), run_id) as held:
+        held.acquire(ACCOUNT)
+        beats = wait_for_heartbeat(engine, after=first)
+
+    assert beats > first
+    with engine.connect() as connection:
+        assert connection.execute(select_rows(account_locks)).all() == []
+
+
+def wait_for_heartbeat(engine: Engine, after: datetime) -> datetime:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with engine.connect() as connection:
+            beat = connection.execute(select_rows(sync_runs.c.heartbeat_at)).scalar()
+        if beat is not None and beat > after:
+            return beat  # type: ignore[no-any-return]
+        time.sleep(0.05)
+    raise AssertionError("no heartbeat within 10 s")
+
+
+def test_the_advisory_key_is_the_same_in_every_process() -> None:
+    script = (
+        "from etl.locks import advisory_key; from etl.accounts import Account; "
+        "print(advisory_key(Account('main-1', 'sub-1')), hash('main-1'))"
+    )
+    # A seed other than this process's, if it was given one.
+    seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
+    other = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONHASHSEED": seed},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.split()
+
+    # Python's own hash differs between the two processes; the key does not.
+    assert other[1] != str(hash("main-1"))
+    assert other[0] == str(locks.advisory_key(ACCOUNT))
+    key = locks.advisory_key(ACCOUNT)
+    assert -(2**63) <= key < 2**63
+    others = {Account("main-1"), Account("main-1sub-1"), Account("main-1:sub-1")}
+    assert key not in {locks.advisory_key(other) for other in others}
+
+
+def test_sync_skips_a_locked_account_and_names_the_holder(
+    engine: Engine,
+    server: SimServer,
+    simulator: Simulator,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = make_config(server, simulator)
+    locked = Account(simulator.main_user_ids()[0])
+    holder = locks.open_locks(engine, LocksConfig())
+    holder.acquire(locked)
+
+    with caplog.at_level(logging.WARNING, logger="etl.sync"):
+        summary = run_sync(config, engine=engine)
+
+    holder.close()
+    assert (summary.outcome, summary.accounts_skipped) == ("succeeded", 1)
+    assert summary.exit_code == 4
+    assert (
+        f"account {locked.label}: another run holds its lock (host {HOST} pid "
+        f"{os.getpid()}" in caplog.text
+    )
+    assert stored_tasks(engine, locked) == 0
+    assert "Skipped: 1 accounts, whose lock another run held" in describe_run(summary)
+    with engine.connect() as connection:
+        run = connection.execute(select_rows(sync_runs)).one()
+        walks = connection.execute(select_rows(sync_run_accounts)).all()
+    assert (run.accounts, run.accounts_skipped, run.accounts_failed) == (4, 1, 0)
+    assert sorted(walk.outcome for walk in walks) == ["skipped"] + ["succeeded"] * 3
+
+    again = run_sync(config, engine=engine)
+
+    assert (again.accounts_skipped, again.exit_code) == (0, 0)
+    assert stored_tasks(engine, locked) == 5
+
+
+def test_a_run_that_finds_every_account_locked_is_skipped(
+    engine: Engine, server: SimServer, simulator: Simulator
+) -> None:
+    config = make_config(server, simulator)
+    first = run_sync(config, engine=engine)
+    holder = locks.open_locks(engine, LocksConfig())
+    for account in walked_accounts(engine, first.run_id):
+        holder.acquire(account)
+
+    summary = run_sync(config, engine=engine)
+
+    holder.close()
+    assert (summary.outcome, summary.exit_code) == ("skipped", 4)
+    assert summary.accounts_skipped == summary.accounts == 4
+    assert summary.pages == 0
+
+
+def stored_tasks(engine: Engine, account: Account) -> int:
+    query = select_rows(tasks.c.uuid).where(
+        tasks.c.user_id == account.user_id, tasks.c.sub_user_id == account.sub_user_id
+    )
+    with engine.connect() as connection:
+        return len(connection.execute(query).all())
+
+
+def walked_accounts(engine: Engine, run_id: int) -> list[Account]:
+    query = select_rows(sync_run_accounts).where(sync_run_accounts.c.run_id == run_id)
+    with engine.connect() as connection:
+        rows = connection.execute(query).all()
+    return [Account(row.user_id, row.sub_user_id) for row in rows]
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait(timeout=30)
+    return process.pid
+
+
+# host, pid (None: a process that has exited), seconds since its heartbeat
+GONE_OR_NOT = {
+    "other-host-silent": ("elsewhere", 4242, 120, "abandoned"),
+    "other-host-beating": ("elsewhere", 4242, 10, "running"),
+    "this-host-dead-pid": (HOST, None, 10, "abandoned"),
+    "this-host-live": (HOST, os.getpid(), 10, "running"),
+    "this-host-live-pid-silent": (HOST, os.getpid(), 120, "abandoned"),
+}
+
+
+def test_runs_of_processes_that_are_gone_are_abandoned(engine: Engine) -> None:
+    gone = dead_pid()
+    with engine.begin() as connection:
+        for name, (host, pid, silent_for, _) in GONE_OR_NOT.items():
+            beat = runs.now() - timedelta(seconds=silent_for)
+            connection.execute(
+                insert(sync_runs).values(
+                    kind="sync",
+                    error=name,
+                    started_at=beat - timedelta(hours=1),
+                    heartbeat_at=beat,
+                    outcome="running",
+                    host=host,
+                    pid=gone if pid is None else pid,
+                )
+            )
+
+    abandoned = runs.abandon_dead_runs(engine, lease=60)
+
+    with engine.connect() as connection:
+        rows = connection.execute(select_rows(sync_runs)).all()
+    assert {row.error: row.outcome for row in rows} == {
+        name: case[-1] for name, case in GONE_OR_NOT.items()
+    }
+    assert abandoned == 3
+
+
+def test_upgrade_keeps_the_runs_and_a_crashed_one_is_abandoned(db_url: str) -> None:
+    engine = store.connect(DatabaseConfig(url=db_url))
+    config = store._alembic_config()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, PREVIOUS_REVISION)
+    started = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+    with engine.begin() as connection:
+        for outcome in ("succeeded", "running"):
+            connection.execute(
+                text(
+                    "INSERT INTO sync_runs (kind, started_at, outcome, host, pid, "
+                    "accounts, accounts_failed, pages, tasks_seen, tasks_new, "
+                    "tasks_changed, tasks_removed, tasks_restored, status_changes, "
+                    "rejected, bad_values) VALUES ('sync', :started, :outcome, "
+                    "'elsewhere', 4242, 3, 0, 7, 21, 21, 0, 0, 0, 21, 0, 0)"
+                ),
+                {"started": started.replace(tzinfo=None), "outcome": outcome},
+            )
+
+    store.migrate(engine)
+
+    with engine.connect() as connection:
+        rows = connection.execute(select_rows(sync_runs).order_by(sync_runs.c.id)).all()
+        assert connection.execute(select_rows(sync_run_accounts)).all() == []
+        assert connection.execute(select_rows(account_locks)).all() == []
+    assert [(r.outcome, r.pages, r.accounts_skipped) for r in rows] == [
+        ("succeeded", 7, 0),
+        ("running", 7, 0),
+    ]
+    assert [r.heartbeat_at for r in rows] == [None, None]
+    assert runs.abandon_dead_runs(engine) == 1
+
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, PREVIOUS_REVISION)
+    store.migrate(engine)
+    with engine.connect() as connection:
+        assert len(connection.execute(select_rows(sync_runs.c.id)).all()) == 2
+    engine.dispose()

@@ -2,10 +2,10 @@
 
 `Client.get_envelope` makes one call to an allow-listed read endpoint, under
 the shared rate limit, retrying what is plausibly transient and refusing any
-body that is not the documented envelope (API.md §2). `Client.walk_tasks` and
-`Client.walk_sub_accounts` read a list page by page and always end, however
-the platform paginates (API.md §7); the returned `Walk` says afterwards
-whether the pages added up to a complete, consistent list.
+body that is not the documented `code`/`status`/`data` envelope.
+`Client.walk_tasks` and `Client.walk_sub_accounts` read a list page by page
+and always end, however the platform paginates; the returned `Walk` says
+afterwards whether the pages added up to a complete, consistent list.
 
 Nothing here logs or raises a token, a URL with its query, or an item of a
 body: those may hold secrets or customers' callback URLs.
@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from etl.accounts import Account
@@ -37,6 +38,7 @@ from etl.errors import ApiError, FatalApiError, PageLimitError, RetryableApiErro
 log = logging.getLogger(__name__)
 
 TASK_STATUSES = (1, 2, 3)
+_CHUNK = 64 * 1024
 MESSAGE_LIMIT = 200
 _URL = re.compile(r"[a-z][a-z0-9+.-]*://\S*", re.IGNORECASE)
 _DIGITS = re.compile(r"[0-9]+")
@@ -175,7 +177,7 @@ class Client:
         unknown = [s for s in statuses if isinstance(s, bool) or s not in TASK_STATUSES]
         if unknown:
             # The platform ignores a status filter holding an unknown code and
-            # returns every task (API.md §3): refuse rather than mislead.
+            # returns every task: refuse rather than mislead.
             raise _Call(account, endpoint, None).fatal(
                 f"unknown task status {unknown}: "
                 "use 1 (paused), 2 (running) or 3 (waiting)"
@@ -204,7 +206,7 @@ class Client:
         """One checked call: the decoded envelope and the body as received."""
         call = _Call(account, endpoint, page)
         if endpoint not in self.api.endpoints.allowed():
-            # Some mutating operations are GETs too (API.md §1).
+            # Some of the platform's mutating operations are GETs too.
             raise call.fatal("not an allow-listed read endpoint; refusing to call it")
         user_id = quote(account.user_id, safe="")
         url = self.api.base_url + endpoint.replace("{user_id}", user_id)
@@ -245,7 +247,9 @@ class Client:
                 verify=self.api.ca_bundle or True,
                 # A redirect could lead off the allow-list: follow none.
                 allow_redirects=False,
+                stream=True,
             )
+            body = self._read_body(call, response, started)
         except requests.RequestException as exc:
             _log_request(call, None, started)
             # requests' own message holds the full URL with its query.
@@ -253,7 +257,37 @@ class Client:
         _log_request(call, response.status_code, started)
 
         self._check_status(call, response)
-        return self._check_envelope(call, response), response.content
+        return self._check_envelope(call, response), body
+
+    def _read_body(
+        self, call: _Call, response: requests.Response, started: float
+    ) -> bytes:
+        """The whole body, arrived within connect_timeout + 2 x read_timeout.
+
+        The read timeout bounds each wait for the next bytes, not the whole
+        answer: a server dripping a byte at a time would hold a walk for ever.
+        """
+        budget = self.api.connect_timeout + 2 * self.api.read_timeout
+        # read1 returns what has arrived; plain read (urllib3 1.x) waits for
+        # a whole chunk, so the bound is then checked a chunk at a time.
+        read = getattr(response.raw, "read1", None) or response.raw.read
+        chunks: list[bytes] = []
+        with response:
+            try:
+                while chunk := read(_CHUNK, decode_content=True):
+                    chunks.append(chunk)
+                    if time.monotonic() - started > budget:
+                        raise call.retryable(
+                            f"the answer did not arrive whole in {budget:g} s"
+                        )
+            except urllib3.exceptions.ReadTimeoutError:
+                raise call.retryable("no answer in time (ReadTimeoutError)") from None
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                name = type(exc).__name__
+                raise call.retryable(f"the connection failed ({name})") from None
+        # Read here, the body is what `content` gives from now on.
+        response._content = b"".join(chunks)
+        return response._content
 
     def _check_status(self, call: _Call, response: requests.Response) -> None:
         status = response.status_code
@@ -297,7 +331,9 @@ class Client:
 
         code = _whole_number(envelope.get("code"))
         said = self._message_of(envelope)
-        if code == 429 or (code is not None and code >= 500):
+        # Only codes shaped like HTTP's transient ones are retried: business
+        # codes such as 10001 are answers, and asking again changes nothing.
+        if code == 429 or (code is not None and 500 <= code <= 599):
             raise call.retryable(
                 f"the envelope says code {code}{said}", status, _retry_after(response)
             )
@@ -469,7 +505,7 @@ class Walk:
         )
 
     def _meta_number(self, meta: dict[str, Any], name: str, number: int) -> int | None:
-        # Numbers come as ints or as strings, and "" means no value (API.md §7).
+        # Numbers come as ints or as strings, and "" means no value.
         value = meta.get(name)
         if value is None or value == "":
             return None
@@ -538,7 +574,7 @@ class Walk:
             return True
 
         # The sort order is undocumented: an item inserted while we walk
-        # pushes the last item of one page onto the next (API.md §6).
+        # pushes the last item of one page onto the next.
         shared = len(set(keys) & set(previous))
         if shared:
             self._warn(
@@ -559,7 +595,7 @@ class Walk:
             return self._last_page
         if self._total is None:
             return None
-        # A server may cap per_page below what we asked (API.md §2), so the
+        # A server may cap per_page below what we asked, so the
         # longest page seen beats the requested size when meta omits it.
         per_page = self._per_page or self._largest or self._page_size
         return math.ceil(self._total / per_page)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 from etl.accounts import Account
+from etl.models import Id
 
 STATUS_LABELS = {1: "paused", 2: "running", 3: "waiting"}
 REDACTED = "[redacted]"
@@ -25,7 +27,14 @@ REDACTED = "[redacted]"
 SENSITIVE_KEYS = frozenset({"call_notify_url"})
 
 _DATE_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S")
+_USUAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")
 _INTEGER = re.compile(r"[+-]?\d+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# What the typed columns hold on every supported database: values beyond
+# them become NULL here rather than failing the page on one database only.
+ID_LENGTH: int = Id.length or 200
+INT32 = 2**31
+INT64 = 2**63
 
 
 class RejectedItem(Exception):
@@ -64,40 +73,69 @@ class TaskRecord:
     def group_id(self) -> str | None:
         return self.group.id if self.group else None
 
+    def parsed(self) -> TaskRecord:
+        """The record itself: a page may hold records or listed tasks."""
+        return self
+
+
+@dataclass(frozen=True)
+class ListedTask:
+    """A listed item, identified: what tells whether the task changed.
+
+    A re-sync needs only the uuid and content hash of the many tasks that
+    did not change, and cleaning and coercing all their fields would cost
+    more than fetching them; `parsed()` does that for the tasks written.
+    """
+
+    uuid: str
+    content_hash: str
+    account: Account
+    zone: tzinfo
+    item: dict[str, Any] = field(repr=False)
+
+    def parsed(self) -> TaskRecord:
+        raw = clean(self.item)
+        zone = self.zone
+        bad: list[str] = []
+        return TaskRecord(
+            uuid=self.uuid,
+            user_id=self.account.user_id,
+            sub_user_id=self.account.sub_user_id,
+            name=to_text(raw.get("name")),
+            status=_field(raw, "status", lambda v: to_int(v, INT32), bad),
+            status_str=to_text(raw.get("status_str")),
+            created_at=_field(raw, "create_datetime", lambda v: to_utc(v, zone), bad),
+            altered_at=_field(raw, "alter_datetime", lambda v: to_utc(v, zone), bad),
+            maximumcall=_field(raw, "maximumcall", to_int, bad),
+            dial_time_id=_field(raw, "dial_time_id", to_id, bad),
+            destination_extension=_field(raw, "destination_extension", to_id, bad),
+            caller_line_id=_field(raw, "caller_line_id", to_id, bad),
+            bridge_group_id=_field(raw, "bridge_group_id", to_id, bad),
+            group=parse_group(raw.get("group")),
+            enable=_field(raw, "enable", to_bool, bad),
+            remark=to_text(raw.get("remark")),
+            raw=raw,
+            content_hash=self.content_hash,
+            bad_fields=tuple(bad),
+        )
+
 
 def parse_task(item: Any, account: Account, zone: tzinfo) -> TaskRecord:
     """One list item as a record; raise `RejectedItem` when it has no uuid."""
+    return identify_task(item, account, zone).parsed()
+
+
+def identify_task(item: Any, account: Account, zone: tzinfo) -> ListedTask:
+    """The item's uuid and content hash; `RejectedItem` when it has no uuid."""
     if not isinstance(item, dict):
         raise RejectedItem(f"item is {type(item).__name__}, not an object")
-    raw = clean(item)
-    uuid = to_text(raw.get("uuid"))
+    uuid = to_text(clean(item.get("uuid")))
     if uuid is None:
-        reason = "uuid is missing" if "uuid" not in raw else "uuid is empty or null"
+        reason = "uuid is missing" if "uuid" not in item else "uuid is empty or null"
         raise RejectedItem(reason)
-
-    bad: list[str] = []
-    record = TaskRecord(
-        uuid=uuid,
-        user_id=account.user_id,
-        sub_user_id=account.sub_user_id,
-        name=to_text(raw.get("name")),
-        status=_field(raw, "status", to_int, bad),
-        status_str=to_text(raw.get("status_str")),
-        created_at=_field(raw, "create_datetime", lambda v: to_utc(v, zone), bad),
-        altered_at=_field(raw, "alter_datetime", lambda v: to_utc(v, zone), bad),
-        maximumcall=_field(raw, "maximumcall", to_int, bad),
-        dial_time_id=to_text(raw.get("dial_time_id")),
-        destination_extension=to_text(raw.get("destination_extension")),
-        caller_line_id=to_text(raw.get("caller_line_id")),
-        bridge_group_id=to_text(raw.get("bridge_group_id")),
-        group=parse_group(raw.get("group")),
-        enable=_field(raw, "enable", to_bool, bad),
-        remark=to_text(raw.get("remark")),
-        raw=raw,
-        content_hash=content_hash(raw),
-        bad_fields=tuple(bad),
-    )
-    return record
+    if len(uuid) > ID_LENGTH:
+        raise RejectedItem(f"uuid is longer than {ID_LENGTH} characters")
+    return ListedTask(uuid, content_hash(item), account, zone, item)
 
 
 def parse_group(value: Any) -> GroupRecord | None:
@@ -105,7 +143,7 @@ def parse_group(value: Any) -> GroupRecord | None:
     if not isinstance(value, dict):
         return None
     group_id = to_text(value.get("id"))
-    if group_id is None:
+    if group_id is None or len(group_id) > ID_LENGTH:
         return None
     return GroupRecord(id=group_id, name=to_text(value.get("name")))
 
@@ -117,11 +155,16 @@ def status_label(status: int | None) -> str:
 def clean(value: Any) -> Any:
     """A copy safe for every database and log: no NUL, no sensitive values.
 
-    PostgreSQL refuses U+0000 in text and JSONB; stripping it everywhere keeps
-    SQLite and PostgreSQL holding the same rows.
+    PostgreSQL refuses U+0000 in text and JSONB, UTF-8 cannot encode a lone
+    surrogate (JSON's "\\ud83d" from an emoji cut in half), and JSON has no
+    NaN or Infinity although Python's decoder accepts them. Each is dropped
+    or replaced everywhere, so SQLite and PostgreSQL hold the same rows.
     """
     if isinstance(value, str):
-        return value.replace("\x00", "")
+        value = value.replace("\x00", "")
+        return _SURROGATE.sub("\ufffd", value) if not value.isascii() else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, dict):
         return {
             clean(key): (REDACTED if key in SENSITIVE_KEYS and item else clean(item))
@@ -132,19 +175,25 @@ def clean(value: Any) -> Any:
     return value
 
 
-def content_hash(raw: dict[str, Any]) -> str:
+def content_hash(item: dict[str, Any]) -> str:
     """A digest of the item, to skip rows that did not change.
 
-    The account is left out on purpose: a task listed by two accounts must
-    not look changed each time the other one lists it.
+    It is taken before cleaning, which only the rows written need, but with
+    the sensitive values replaced as cleaning replaces them: the digest never
+    depends on a secret, and equals the cleaned payload's for every item
+    that holds nothing else to clean. The account is left out on purpose: a
+    task listed by two accounts must not look changed each time the other
+    one lists it.
     """
+    hidden = {key: REDACTED for key in SENSITIVE_KEYS if item.get(key)}
     canonical = json.dumps(
-        raw,
+        {**item, **hidden} if hidden else item,
         sort_keys=True,
         ensure_ascii=False,
         separators=(",", ":"),
     )
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    # A lone surrogate has no UTF-8 form; the digest only needs bytes.
+    return hashlib.sha256(canonical.encode(errors="surrogatepass")).hexdigest()
 
 
 def to_text(value: Any) -> str | None:
@@ -157,19 +206,33 @@ def to_text(value: Any) -> str | None:
     return text or None
 
 
-def to_int(value: Any) -> int | None:
-    """An int from an int, an integral float or a string of digits."""
+def to_id(value: Any) -> str | None:
+    """An id as text, refused when longer than the id columns hold."""
+    text = to_text(value)
+    if text is not None and len(text) > ID_LENGTH:
+        raise ValueError(f"longer than {ID_LENGTH} characters")
+    return text
+
+
+def to_int(value: Any, limit: int = INT64) -> int | None:
+    """An int from an int, an integral float or a string of digits, within
+    -limit .. limit - 1 (a signed 64-bit column by default)."""
     if value is None or value == "":
         return None
     if isinstance(value, bool):
         raise ValueError("a boolean is not a number")
+    number: int | None = None
     if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
-        return int(value.strip())
-    raise ValueError(f"not an integer: {value!r}")
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+        number = int(value.strip())
+    if number is None:
+        raise ValueError(f"not an integer: {value!r}")
+    if not -limit <= number < limit:
+        raise ValueError("out of range")
+    return number
 
 
 def to_bool(value: Any) -> bool | None:
@@ -195,14 +258,30 @@ def to_utc(value: Any, zone: tzinfo) -> datetime | None:
         return None
     if not isinstance(value, str):
         raise ValueError(f"not a time: {value!r}")
-    text = value.strip()
+    local = _read_local(value.strip())
+    if local is None:
+        raise ValueError(f"not a time: {value!r}")
+    try:
+        return local.replace(tzinfo=zone).astimezone(UTC)
+    except OverflowError:
+        # "0001-01-01 00:00:00" east of UTC falls before year 1.
+        raise ValueError(f"out of range: {value!r}") from None
+
+
+def _read_local(text: str) -> datetime | None:
+    if _USUAL_TIME.fullmatch(text):
+        # The platform's usual form: fromisoformat reads it ten times faster
+        # than strptime, and refuses the same impossible dates.
+        try:
+            return datetime.fromisoformat(text)
+        except ValueError:
+            return None
     for pattern in _DATE_FORMATS:
         try:
-            local = datetime.strptime(text, pattern)
+            return datetime.strptime(text, pattern)
         except ValueError:
             continue
-        return local.replace(tzinfo=zone).astimezone(UTC)
-    raise ValueError(f"not a time: {value!r}")
+    return None
 
 
 def _field(raw: dict[str, Any], key: str, convert: Any, bad: list[str]) -> Any:

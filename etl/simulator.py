@@ -19,6 +19,7 @@ import json
 import math
 import random
 import socket
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 from zoneinfo import ZoneInfo
+
+from etl.faults import SUCCESS_HEAD, Fault, FaultInjector, Faults, Served
 
 STATUS_TEXTS = {1: "暂停中", 2: "执行中", 3: "等待执行"}
 ODD_STATUS = 4
@@ -126,6 +129,8 @@ class Simulator:
         status_change_rate: float = 0.3,
         creation_rate: float = 0.02,
         removal_rate: float = 0.01,
+        faults: Faults | None = None,
+        record_requests: bool = False,
     ) -> None:
         if start.tzinfo is None:
             raise ValueError("start must be timezone-aware")
@@ -142,6 +147,9 @@ class Simulator:
         self.status_change_rate = status_change_rate
         self.creation_rate = creation_rate
         self.removal_rate = removal_rate
+        # Faults draw from their own seed, never from the world's generator.
+        self._injector = FaultInjector(faults or Faults())
+        self._served: list[Served] | None = [] if record_requests else None
 
         self._rng = random.Random(seed)
         self._lock = threading.RLock()
@@ -244,6 +252,62 @@ class Simulator:
 
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> SimServer:
         return SimServer(self, host, port)
+
+    # -- misbehaving on purpose --------------------------------------------
+
+    @property
+    def faults(self) -> Faults:
+        return self._injector.faults
+
+    def set_faults(self, faults: Faults) -> None:
+        """Inject these faults from now on; `Faults()` stops injecting."""
+        self._injector.faults = faults
+
+    def fault_counts(self) -> dict[str, int]:
+        """How many faults of each kind were injected so far."""
+        return dict(self._injector.counts)
+
+    def take_served(self) -> list[Served]:
+        """The requests answered since the last call, in order of arrival;
+        empty unless the simulator was made with `record_requests=True`."""
+        with self._lock:
+            served = self._served or []
+            if self._served is not None:
+                self._served = []
+            return served
+
+    def _draw_fault(self, path: str, query: dict[str, list[str]]) -> Fault | None:
+        route = _route(path)
+        if route is None:
+            return None
+        return self._injector.draw(path, query, route[1])
+
+    def _record(
+        self,
+        path: str,
+        query: dict[str, list[str]],
+        answer: tuple[int, bytes],
+        fault: Fault | None,
+    ) -> None:
+        route = _route(path)
+        if self._served is None or route is None:
+            return
+        endpoint, user_id = route
+        status, body = answer
+        if fault is not None and fault.body is not None:
+            status = fault.status
+        served = Served(
+            user_id=user_id,
+            sub_user_id=_first(query, "sub_user_id") or "",
+            endpoint=endpoint,
+            page=_to_int(_first(query, "page")),
+            status=status,
+            fault=fault.kind if fault else None,
+            is_success=answer[0] == 200 and answer[1].startswith(SUCCESS_HEAD),
+        )
+        with self._lock:
+            if self._served is not None:
+                self._served.append(served)
 
     # -- building the world ------------------------------------------------
 
@@ -555,8 +619,17 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         query = parse_qs(parts.query, keep_blank_values=True)
         authorization = self.headers.get("Authorization")
-        status, body = simulator._answer(parts.path, query, authorization)
-        self._send(status, body)
+        fault = simulator._draw_fault(parts.path, query)
+        answer = simulator._answer(parts.path, query, authorization)
+        simulator._record(parts.path, query, answer, fault)
+        try:
+            if fault is None:
+                self._send(*answer)
+            else:
+                self._send_faulty(fault, *answer)
+        except OSError:
+            # The client gave up waiting, as after a stall: that is its right.
+            self.close_connection = True
 
     def refuse(self) -> None:
         self.server.count_request()
@@ -567,10 +640,16 @@ class _Handler(BaseHTTPRequestHandler):
     do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = refuse
     do_OPTIONS = do_TRACE = do_CONNECT = refuse
 
-    def _send(self, status: int, data: bytes) -> None:
+    def _send(
+        self, status: int, data: bytes, fault: Fault | None = None, length: int = -1
+    ) -> None:
+        headers = dict(fault.headers) if fault else {}
+        content_type = headers.pop("Content-Type", "application/json; charset=utf-8")
         self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data) if length < 0 else length))
+        for name, value in headers.items():
+            self.send_header(name, value)
         if status == 405:
             self.send_header("Allow", "GET")
         if self.close_connection:
@@ -578,6 +657,38 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+
+    def _send_faulty(self, fault: Fault, status: int, body: bytes) -> None:
+        if fault.body is not None:
+            status = fault.status
+        body = fault.apply(body)
+        cut = fault.cut_at(body)
+        if fault.stall and not fault.cut:
+            time.sleep(fault.stall)
+            # The client has given up on this connection by now.
+            self.close_connection = True
+            self._send(status, body, fault)
+        elif fault.kind == "truncated":
+            # A well-formed HTTP answer whose JSON is cut short.
+            self._send(status, body[:cut], fault)
+        elif fault.kind in ("reset", "stall"):
+            # The head promises the whole body; only part of it comes.
+            self.close_connection = True
+            self._send(status, body[:cut], fault, length=len(body))
+            if fault.kind == "stall":
+                time.sleep(fault.stall)
+                self.wfile.write(body[cut:])
+            else:
+                self._reset()
+        else:
+            self._send(status, body, fault)
+
+    def _reset(self) -> None:
+        """Drop the connection with a TCP reset rather than an orderly close."""
+        self.connection.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+        self.connection.close()
 
     def log_message(self, format: str, *args: Any) -> None:
         """Stay silent: a line per request would drown tests and benchmarks."""
@@ -611,6 +722,8 @@ def _announce(simulator: Simulator, server: SimServer) -> None:
         if account.sub_user_id:
             where += f" sub_user_id {account.sub_user_id}"
         print(f"  {account.name}: {where}", flush=True)
+    if simulator.faults.is_active:
+        print(f"Injecting faults: {simulator.faults.describe()}", flush=True)
 
 
 # -- rendering ---------------------------------------------------------------

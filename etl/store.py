@@ -8,6 +8,7 @@ written at all, which is what keeps a re-sync close to the cost of fetching.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import sqlite3
@@ -34,7 +35,7 @@ from etl.accounts import Account
 from etl.config import DatabaseConfig
 from etl.errors import StoreError
 from etl.models import groups, sync_rejects, task_status_changes, tasks
-from etl.parse import TaskRecord
+from etl.parse import ListedTask, TaskRecord
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +64,17 @@ class Reject:
 
 @dataclass(frozen=True)
 class PageBatch:
-    """One fetched page, parsed: what the store writes in one transaction."""
+    """One fetched page: what the store writes in one transaction.
+
+    Its tasks may be parsed records or listed tasks, which the store parses
+    only when it writes them.
+    """
 
     account: Account
     endpoint: str
     number: int
     fetched_at: datetime
-    records: Sequence[TaskRecord]
+    records: Sequence[TaskRecord | ListedTask]
     rejects: Sequence[Reject] = ()
 
 
@@ -94,6 +99,7 @@ class _Plan:
     """What one page will write, decided from the stored rows."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
+    written: list[TaskRecord] = field(default_factory=list)
     changes: list[dict[str, Any]] = field(default_factory=list)
     counts: PageCounts = field(default_factory=PageCounts)
 
@@ -133,16 +139,20 @@ def write_page(
     engine: Engine, run_id: int, batch: PageBatch, previous_complete: datetime | None
 ) -> PageCounts:
     """Store one page in one transaction and say what changed."""
-    records = _deduplicate(batch.records)
+    listed = _deduplicate(batch.records)
     try:
         with engine.begin() as connection:
-            stored = _read_stored(connection, [record.uuid for record in records])
-            plan = _plan(run_id, batch, records, stored, previous_complete)
-            _upsert_groups(connection, records, batch.fetched_at)
+            stored = _read_stored(connection, [task.uuid for task in listed])
+            plan = _plan(run_id, batch, listed, stored, previous_complete)
+            # A group renamed changes the tasks that embed it, so the groups
+            # of the tasks written are all that can need an upsert.
+            _upsert_groups(connection, plan.written, batch.fetched_at)
             _upsert_tasks(connection, plan.rows)
             _insert(connection, task_status_changes, plan.changes)
             _insert_rejects(connection, run_id, batch)
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, ValueError, OverflowError) as exc:
+        # A value a driver cannot bind raises outside SQLAlchemy's tree; it
+        # fails this page like a refused statement, never the whole run.
         raise StoreError(
             f"account {batch.account.label}, endpoint {batch.endpoint}, page "
             f"{batch.number}: the page was not written: {_first_line(exc)}"
@@ -150,13 +160,15 @@ def write_page(
 
     plan.counts.seen = len(batch.records)
     plan.counts.rejected = len(batch.rejects)
-    plan.counts.bad_values = sum(len(record.bad_fields) for record in records)
+    plan.counts.bad_values = sum(len(record.bad_fields) for record in plan.written)
     return plan.counts
 
 
-def _deduplicate(records: Iterable[TaskRecord]) -> list[TaskRecord]:
-    """One record per uuid, the last one listed winning."""
-    return list({record.uuid: record for record in records}.values())
+def _deduplicate(
+    listed: Iterable[TaskRecord | ListedTask],
+) -> list[TaskRecord | ListedTask]:
+    """One task per uuid, the last one listed winning."""
+    return list({task.uuid: task for task in listed}.values())
 
 
 def _read_stored(connection: Connection, uuids: list[str]) -> dict[str, StoredRow]:
@@ -170,25 +182,28 @@ def _read_stored(connection: Connection, uuids: list[str]) -> dict[str, StoredRo
 def _plan(
     run_id: int,
     batch: PageBatch,
-    records: list[TaskRecord],
+    listed: list[TaskRecord | ListedTask],
     stored: dict[str, StoredRow],
     previous_complete: datetime | None,
 ) -> _Plan:
     plan = _Plan()
     now = batch.fetched_at
-    for record in records:
-        old = stored.get(record.uuid)
+    for task in listed:
+        old = stored.get(task.uuid)
         if old is None:
+            record = task.parsed()
             plan.counts.new += 1
             plan.rows.append(_task_row(record, now, status_seen_at=now))
             plan.changes.append(_change(run_id, record, "first_seen", None, now))
         elif old.removed_at is not None:
+            record = task.parsed()
             plan.counts.restored += 1
             plan.rows.append(_task_row(record, now, status_seen_at=now))
             plan.changes.append(
                 _change(run_id, record, "restored", None, now, old.removed_at)
             )
-        elif old.content_hash != record.content_hash:
+        elif old.content_hash != task.content_hash:
+            record = task.parsed()
             plan.counts.changed += 1
             status_changed = old.status != record.status
             seen_at = now if status_changed else old.status_seen_at
@@ -198,6 +213,9 @@ def _plan(
                 plan.changes.append(
                     _change(run_id, record, "changed", old, now, last_seen)
                 )
+        else:
+            continue
+        plan.written.append(record)
     plan.counts.status_changes = len(plan.changes)
     return plan
 
@@ -265,25 +283,36 @@ def _upsert_groups(
         {"id": g.id, "name": g.name, "first_seen_at": now, "last_changed_at": now}
         for g in found.values()
     ]
-    if not rows:
-        return
-    statement = _insert_statement(connection, groups)
+    if rows:
+        statement = _group_upsert(connection.dialect.name)
+        _execute_chunked(connection, statement, rows, len(groups.c))
+
+
+def _upsert_tasks(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        statement = _task_upsert(connection.dialect.name)
+        _execute_chunked(connection, statement, rows, len(tasks.c))
+
+
+# The upserts are built once per dialect: building one costs about as much
+# as running it for a page.
+@functools.cache
+def _group_upsert(dialect: str) -> Any:
+    statement = _dialect_insert(dialect, groups)
     excluded = statement.excluded
-    statement = statement.on_conflict_do_update(
+    return statement.on_conflict_do_update(
         index_elements=[groups.c.id],
         set_={"name": excluded.name, "last_changed_at": excluded.last_changed_at},
         where=groups.c.name.is_distinct_from(excluded.name),
     )
-    _execute_chunked(connection, statement, rows, len(groups.c))
 
 
-def _upsert_tasks(connection: Connection, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    statement = _insert_statement(connection, tasks)
+@functools.cache
+def _task_upsert(dialect: str) -> Any:
+    statement = _dialect_insert(dialect, tasks)
     excluded = statement.excluded
     kept = {"uuid", "first_seen_at"}
-    statement = statement.on_conflict_do_update(
+    return statement.on_conflict_do_update(
         index_elements=[tasks.c.uuid],
         set_={c.name: excluded[c.name] for c in tasks.c if c.name not in kept},
         # Repeats the planner's decision in SQL, so a row another writer
@@ -291,7 +320,6 @@ def _upsert_tasks(connection: Connection, rows: list[dict[str, Any]]) -> None:
         where=tasks.c.content_hash.is_distinct_from(excluded.content_hash)
         | tasks.c.removed_at.is_not(None),
     )
-    _execute_chunked(connection, statement, rows, len(tasks.c))
 
 
 def _insert_rejects(connection: Connection, run_id: int, batch: PageBatch) -> None:
@@ -318,11 +346,15 @@ def _insert(connection: Connection, table: Table, rows: list[dict[str, Any]]) ->
 
 def _insert_statement(connection: Connection, table: Table) -> Any:
     """The dialect's own INSERT, which knows ON CONFLICT."""
-    if connection.dialect.name == "postgresql":
+    return _dialect_insert(connection.dialect.name, table)
+
+
+def _dialect_insert(dialect: str, table: Table) -> Any:
+    if dialect == "postgresql":
         return postgresql.insert(table)
-    if connection.dialect.name == "sqlite":
+    if dialect == "sqlite":
         return sqlite.insert(table)
-    raise StoreError(f"unsupported database: {connection.dialect.name}")
+    raise StoreError(f"unsupported database: {dialect}")
 
 
 def _execute_chunked(
@@ -361,22 +393,27 @@ def mark_removals(
     owned = (tasks.c.user_id == account.user_id) & (
         tasks.c.sub_user_id == account.sub_user_id
     )
-    with engine.begin() as connection:
-        listed = connection.execute(
-            select(*_STORED).where(owned, tasks.c.removed_at.is_(None))
-        ).all()
-        gone = [row for row in listed if row.uuid not in seen]
-        for chunk in _chunks(gone, _rows_per_statement(connection, 1)):
-            connection.execute(
-                update(tasks)
-                .where(tasks.c.uuid.in_([row.uuid for row in chunk]))
-                .values(removed_at=observed_at, last_changed_at=observed_at)
+    try:
+        with engine.begin() as connection:
+            listed = connection.execute(
+                select(*_STORED).where(owned, tasks.c.removed_at.is_(None))
+            ).all()
+            gone = [row for row in listed if row.uuid not in seen]
+            for chunk in _chunks(gone, _rows_per_statement(connection, 1)):
+                connection.execute(
+                    update(tasks)
+                    .where(tasks.c.uuid.in_([row.uuid for row in chunk]))
+                    .values(removed_at=observed_at, last_changed_at=observed_at)
+                )
+            _insert(
+                connection,
+                task_status_changes,
+                [_removal(run_id, r, observed_at, previous_complete) for r in gone],
             )
-        _insert(
-            connection,
-            task_status_changes,
-            [_removal(run_id, row, observed_at, previous_complete) for row in gone],
-        )
+    except SQLAlchemyError as exc:
+        raise StoreError(
+            f"account {account.label}: removals were not marked: {_first_line(exc)}"
+        ) from exc
     for row in gone:
         log.info("task %s of account %s removed", row.uuid, account.label)
     return len(gone)

@@ -269,11 +269,11 @@ def make_trigger(
     """
     rng = rng or random.Random()
     if schedule.cron is None:
+        seconds = schedule.interval
+        assert seconds is not None, "the configuration gives an interval or a cron"
         # An interval counts real seconds: no time zone may bend it.
-        interval = IntervalTrigger(
-            seconds=schedule.interval, timezone=UTC, start_date=start
-        )
-        late = min(LATE_SECONDS, schedule.interval / 10)
+        interval = IntervalTrigger(seconds=seconds, timezone=UTC, start_date=start)
+        late = min(LATE_SECONDS, seconds / 10)
         return ScheduleTrigger(
             interval, UTC, schedule.jitter, rng, skip_repeats=False, restart_late=late
         )

@@ -33,12 +33,6 @@ def simulator() -> Simulator:
 
 
 @pytest.fixture
-def server(simulator: Simulator) -> Iterator[SimServer]:
-    with simulator.serve() as server:
-        yield server
-
-
-@pytest.fixture
 def engine(sqlite_url: str) -> Iterator[Engine]:
     engine = store.connect(DatabaseConfig(url=sqlite_url))
     store.migrate(engine)

@@ -35,12 +35,6 @@ def simulator() -> Simulator:
     return Simulator(seed=21, main_accounts=2, sub_accounts=2, tasks_per_account=8)
 
 
-@pytest.fixture
-def server(simulator: Simulator) -> Iterator[SimServer]:
-    with simulator.serve() as server:
-        yield server
-
-
 def connect(url: str) -> Engine:
     engine = store.connect(DatabaseConfig(url=url))
     store.migrate(engine)

@@ -1,4 +1,3 @@
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,12 +11,6 @@ from etl.simulator import SimServer, Simulator
 @pytest.fixture
 def simulator() -> Simulator:
     return Simulator(seed=5, main_accounts=2, sub_accounts=1, tasks_per_account=6)
-
-
-@pytest.fixture
-def server(simulator: Simulator) -> Iterator[SimServer]:
-    with simulator.serve() as server:
-        yield server
 
 
 def write_config(

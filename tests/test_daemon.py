@@ -64,20 +64,6 @@ def simulator() -> Simulator:
 
 
 @pytest.fixture
-def server(simulator: Simulator) -> Iterator[SimServer]:
-    with simulator.serve() as server:
-        yield server
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = store.connect(DatabaseConfig(url=db_url))
-    store.migrate(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
 def started(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """Start `task-etl COMMAND`; whatever is still running at the end is killed."""
     processes: list[Daemon] = []

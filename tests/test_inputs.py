@@ -53,14 +53,6 @@ def platform() -> Iterator[Platform]:
 
 
 @pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = store.connect(DatabaseConfig(url=db_url))
-    store.migrate(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
 def sleeps() -> list[float]:
     return []
 

@@ -23,7 +23,6 @@ from click.testing import CliRunner
 from scripted import CALLBACK, TOKEN, Platform, Reply, envelope, serve, task, tasks
 from sqlalchemy import Engine, select
 
-from etl import store
 from etl.accounts import Account
 from etl.cli import main
 from etl.client import Client, RateLimiter
@@ -71,14 +70,6 @@ def captured() -> Iterator[Capture]:
     root.removeHandler(handler)
     for name, level in levels.items():
         loggers[name].setLevel(level)
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = store.connect(DatabaseConfig(url=db_url))
-    store.migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 def dump_tables(engine: Engine) -> str:

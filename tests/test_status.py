@@ -1,4 +1,3 @@
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,6 @@ from etl.simulator import SimServer, Simulator
 @pytest.fixture
 def simulator() -> Simulator:
     return Simulator(seed=8, main_accounts=2, sub_accounts=1, tasks_per_account=4)
-
-
-@pytest.fixture
-def server(simulator: Simulator) -> Iterator[SimServer]:
-    with simulator.serve() as server:
-        yield server
 
 
 @pytest.fixture

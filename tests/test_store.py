@@ -1,4 +1,3 @@
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -15,14 +14,6 @@ from etl.store import PageBatch, Reject
 
 ACCOUNT = Account("main-1", "sub-1")
 T0 = datetime(2026, 1, 5, 1, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = store.connect(DatabaseConfig(url=db_url))
-    store.migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 def item(uuid: str, status: int = 2, **extra: Any) -> dict[str, Any]:

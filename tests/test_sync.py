@@ -1,4 +1,3 @@
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,20 +13,6 @@ from etl.sync import Filters, run_sync
 @pytest.fixture
 def simulator() -> Simulator:
     return Simulator(seed=11, main_accounts=2, sub_accounts=2, tasks_per_account=12)
-
-
-@pytest.fixture
-def server(simulator: Simulator) -> Iterator[SimServer]:
-    with simulator.serve() as server:
-        yield server
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = store.connect(DatabaseConfig(url=db_url))
-    store.migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 def make_config(

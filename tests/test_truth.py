@@ -24,7 +24,6 @@ import os
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -32,7 +31,6 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select
 
-from etl import store
 from etl.accounts import Account
 from etl.client import Client, RateLimiter
 from etl.config import ApiConfig, Config, DatabaseConfig, MainAccount
@@ -86,14 +84,6 @@ class Timeline:
 def seed() -> int:
     given = os.environ.get(SEED_ENV)
     return int(given) if given else random.SystemRandom().randrange(10**6)
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = store.connect(DatabaseConfig(url=db_url))
-    store.migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 def test_database_matches_the_truth_after_syncs_under_faults(

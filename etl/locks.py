@@ -287,6 +287,8 @@ class LeaseLocks(AccountLocks):
     ) -> None:
         super().__init__(engine, config, **options)
         self._clock = clock
+        # When each held lease was last renewed, by this run's clock.
+        self._renewed: dict[Account, datetime] = {}
 
     def _try(self, account: Account) -> str | None:
         now = self._clock()
@@ -312,6 +314,7 @@ class LeaseLocks(AccountLocks):
                             **values,
                         )
                     )
+                    self._renewed[account] = now
                     return None
                 if row.holder != self.holder.id and not self._is_stale(row, now):
                     until = f"{row.expires_at:%H:%M:%S} UTC"
@@ -321,6 +324,7 @@ class LeaseLocks(AccountLocks):
                 )
         except IntegrityError:
             return "a run that took it at the same moment"
+        self._renewed[account] = now
         if row.holder != self.holder.id:
             log.warning(
                 "account %s: took over the lock of host %s pid %s, %s",
@@ -341,11 +345,19 @@ class LeaseLocks(AccountLocks):
         return now + timedelta(seconds=self.config.lease)
 
     def _confirm(self, account: Account) -> bool:
-        # Renewing before each page is also the check: a holder that was
-        # suspended past its lease finds its row taken and writes nothing.
+        renewed = self._renewed.get(account)
+        fresh = timedelta(seconds=self.config.lease / 3)
+        if renewed is not None and self._clock() - renewed < fresh:
+            # No other run may take a lease over before it runs out, so one
+            # renewed this recently is still ours: checking it before every
+            # page would cost a commit per page.
+            return True
+        # Renewing is also the check: a holder that was suspended past its
+        # lease finds its row taken and writes nothing.
         return self._renew_rows({account}) == {account}
 
     def _release(self, account: Account) -> None:
+        self._renewed.pop(account, None)
         try:
             with self.engine.begin() as connection:
                 connection.execute(
@@ -369,7 +381,8 @@ class LeaseLocks(AccountLocks):
         return held - kept
 
     def _renew_rows(self, accounts: set[Account]) -> set[Account]:
-        expires = self._expiry(self._clock())
+        now = self._clock()
+        expires = self._expiry(now)
         mine = account_locks.c.holder == self.holder.id
         with self.engine.begin() as connection:
             connection.execute(
@@ -379,7 +392,9 @@ class LeaseLocks(AccountLocks):
                 select(account_locks.c.user_id, account_locks.c.sub_user_id).where(mine)
             ).all()
         kept = {(row.user_id, row.sub_user_id) for row in rows}
-        return {a for a in accounts if (a.user_id, a.sub_user_id) in kept}
+        renewed = {a for a in accounts if (a.user_id, a.sub_user_id) in kept}
+        self._renewed.update(dict.fromkeys(renewed, now))
+        return renewed
 
 
 def open_locks(

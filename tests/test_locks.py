@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -49,22 +48,8 @@ time.sleep(60)
 
 
 @pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = store.connect(DatabaseConfig(url=db_url))
-    store.migrate(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
 def simulator() -> Simulator:
     return Simulator(seed=4, main_accounts=2, sub_accounts=1, tasks_per_account=5)
-
-
-@pytest.fixture
-def server(simulator: Simulator) -> Iterator[SimServer]:
-    with simulator.serve() as server:
-        yield server
 
 
 def make_config(server: SimServer, simulator: Simulator, **locks: Any) -> Config:
@@ -215,9 +200,13 @@ def test_a_run_whose_lease_was_taken_over_writes_no_more(sqlite_url: str) -> Non
     store.migrate(engine)
     start = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
     config = LocksConfig(lease=60)
-    suspended = locks.LeaseLocks(engine, config, clock=lambda: start)
+    clock = [start]
+    suspended = locks.LeaseLocks(engine, config, clock=lambda: clock[0])
     suspended.acquire(ACCOUNT)
-    later = locks.LeaseLocks(engine, config, clock=lambda: start + timedelta(hours=1))
+    suspended.confirm(ACCOUNT)
+    # The holder sleeps through its lease; another run takes the lock over.
+    clock[0] = start + timedelta(hours=1)
+    later = locks.LeaseLocks(engine, config, clock=lambda: clock[0])
     later.acquire(ACCOUNT)
 
     with pytest.raises(LockLostError, match="account main-1:sub-1: this run lost"):

@@ -8,6 +8,7 @@ from etl.parse import (
     REDACTED,
     GroupRecord,
     RejectedItem,
+    clean,
     parse_task,
     status_label,
     to_int,
@@ -183,6 +184,39 @@ def test_nul_is_stripped_inside_the_payload_too() -> None:
 
     assert record.raw["name"] == "xy"
     assert record.remark == "r"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"name": "plain 中文 name", "group": {"id": 7, "name": "组"}},
+        {"name": "NUL\x00inside"},
+        {"remark": "half an emoji \ud83d"},
+        {"maximumcall": float("nan"), "enable": float("-inf")},
+        {"group": {"id": 7, "name": "deep\x00"}, "tags": ["a\x00", {"b": "\udc00"}]},
+        {"name": "NaN is a word", "call_notify_url": "http://10.0.0.8/hook"},
+        {"nested": {"call_notify_url": "http://10.0.0.8/hook"}},
+        {"bad\x00key": 1},
+    ],
+    ids=[
+        "plain",
+        "cjk",
+        "nul",
+        "surrogate",
+        "non-finite",
+        "nested",
+        "word-nan-and-url",
+        "nested-url",
+        "key",
+    ],
+)
+def test_the_stored_payload_is_the_cleaned_item_whatever_it_holds(
+    extra: dict[str, object],
+) -> None:
+    item = {**CLASSIC, **extra}
+
+    assert parse_task(item, ACCOUNT, SHANGHAI).raw == clean(item)
 
 
 def test_content_hash_follows_content_only() -> None:

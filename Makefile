@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test lint demo clean
+.PHONY: test lint demo bench clean
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
@@ -21,6 +21,11 @@ lint: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(BIN)/task-etl demo
 
+# Not part of `make test`: it takes minutes. BENCH_ARGS passes options, e.g.
+# make bench BENCH_ARGS="--tasks 1000000 --databases sqlite"
+bench: $(VENV)/.installed-bench
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
@@ -35,4 +40,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e '.[test]'
+	touch $@
+
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e '.[bench]'
 	touch $@

@@ -414,8 +414,16 @@ def mark_removals(
         raise StoreError(
             f"account {account.label}: removals were not marked: {_first_line(exc)}"
         ) from exc
+    # One line per account keeps a daemon's log readable; each task is in
+    # task_status_changes, and in the log at DEBUG.
+    if gone:
+        log.info(
+            "account %s: %d task(s) no longer listed, marked removed",
+            account.label,
+            len(gone),
+        )
     for row in gone:
-        log.info("task %s of account %s removed", row.uuid, account.label)
+        log.debug("task %s of account %s removed", row.uuid, account.label)
     return len(gone)
 
 

@@ -1,3 +1,4 @@
+import logging
 from typing import Any
 
 import pytest
@@ -102,6 +103,28 @@ def test_changes_removals_and_new_tasks_follow_the_platform(
             select(tasks.c.uuid).where(tasks.c.removed_at.is_not(None))
         ).scalars()
         assert set(removed) == before.keys() - after.keys()
+
+
+def test_removals_are_logged_once_per_account_not_once_per_task(
+    simulator: Simulator,
+    server: SimServer,
+    engine: Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = make_config(server, simulator)
+    run_sync(config, engine=engine)
+    gone = [task for task in simulator.tasks() if not task.sub_user_id][:3]
+    for task in gone:
+        simulator.remove_task(task.uuid)
+
+    with caplog.at_level(logging.INFO, logger="etl.store"):
+        run_sync(config, engine=engine)
+
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    removals = [line for line in lines if "removed" in line]
+    assert removals == [
+        f"account {gone[0].user_id}: 3 task(s) no longer listed, marked removed"
+    ]
 
 
 def test_a_task_that_comes_back_is_restored(

@@ -14,6 +14,7 @@ database its live runs wrote, therefore changes nothing.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -89,8 +90,12 @@ def run_backfill(
     engine: Engine | None = None,
     client: Client | None = None,
     progress: ProgressCallback | None = None,
+    stop: threading.Event | None = None,
 ) -> RunSummary:
-    """A full pull of the selected accounts (all by default), as one run."""
+    """A full pull of the selected accounts (all by default), as one run.
+
+    Setting `stop` ends it after the page being written, as for a sync.
+    """
     own_client = client is None
     client = client or make_client(config)
     try:
@@ -104,6 +109,8 @@ def run_backfill(
             engine=engine,
             client=client,
             progress=progress,
+            stop=stop,
+            deadline=config.schedule.deadline,
         )
     finally:
         if own_client:
@@ -129,8 +136,13 @@ def replay_archive(
     selectors: Sequence[str] = (),
     engine: Engine | None = None,
     progress: ProgressCallback | None = None,
+    stop: threading.Event | None = None,
 ) -> ReplaySummary:
-    """Replay the archive's walks of the selected accounts into the database."""
+    """Replay the archive's walks of the selected accounts into the database.
+
+    Setting `stop` ends it after the page being written, recorded as
+    "stopped"; replaying again goes on from there.
+    """
     engine = engine or store.connect(config.database)
     store.check_schema(engine)
     walks = archive.read_archive(directory)
@@ -138,7 +150,7 @@ def replay_archive(
         select_accounts({w.account for w in walks}, selectors, "account in the archive")
     )
     walks = [walk for walk in walks if walk.account in chosen]
-    return _Replay(config, engine, progress).execute(walks)
+    return _Replay(config, engine, progress, stop).execute(walks)
 
 
 @dataclass
@@ -159,9 +171,14 @@ class _Event:
 
 class _Replay:
     def __init__(
-        self, config: Config, engine: Engine, progress: ProgressCallback | None
+        self,
+        config: Config,
+        engine: Engine,
+        progress: ProgressCallback | None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.config = config
+        self.stop = stop or threading.Event()
         self.engine = engine
         self.progress = progress
         self.counts = PageCounts()
@@ -181,6 +198,8 @@ class _Replay:
         try:
             _register(self.engine, newer)
             for event in _events(newer):
+                if self.stop.is_set():
+                    break
                 self._play(event)
         except BaseException:
             self._finish("failed", len(replayed), len(replayed), began)
@@ -190,6 +209,9 @@ class _Replay:
         outcome = "succeeded" if not failed else "partial"
         if failed and failed == len(replayed):
             outcome = "failed"
+        if self.stop.is_set():
+            log.info("replay stopped after the page being written")
+            outcome = "stopped"
         summary = self._finish(outcome, len(replayed), failed, began)
         return ReplaySummary(
             summary, len(newer), len(walks) - len(newer), self.unfinished

@@ -38,8 +38,11 @@ class Context:
         self.config_path = config_path
         self.traceback = traceback
 
-    def config(self) -> Config:
-        return config_module.load(config_module.resolve_path(self.config_path))
+    def config(self, *, tokens: bool = True) -> Config:
+        """The configuration; `tokens=False` for commands that never call the
+        platform, so that they run without its secret."""
+        path = config_module.resolve_path(self.config_path)
+        return config_module.load(path, tokens=tokens)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -105,7 +108,7 @@ def migrate(ctx: click.Context) -> None:
     """Bring the database to the current schema."""
 
     def action() -> int:
-        config = ctx.obj.config()
+        config = ctx.obj.config(tokens=False)
         engine = store.connect(config.database)
         before, after = store.migrate(engine)
         # Builds the daily counts of a history older than the schema, and
@@ -212,20 +215,32 @@ def backfill(
         raise click.UsageError("--name and --status cannot be used with --from-archive")
 
     def action() -> int:
-        config = ctx.obj.config()
+        config = ctx.obj.config(tokens=archive_dir is None)
+        stop = threading.Event()
         if archive_dir is not None:
-            with report.ProgressLine(sys.stderr, "replay") as progress:
+            with (
+                schedule.stop_on_signals(stop),
+                report.ProgressLine(sys.stderr, "replay") as progress,
+            ):
                 replayed = backfill_module.replay_archive(
-                    config, archive_dir, selectors=selectors, progress=progress
+                    config,
+                    archive_dir,
+                    selectors=selectors,
+                    progress=progress,
+                    stop=stop,
                 )
             click.echo(report.describe_replay(replayed))
             return replayed.exit_code
-        with report.ProgressLine(sys.stderr, "backfill") as progress:
+        with (
+            schedule.stop_on_signals(stop),
+            report.ProgressLine(sys.stderr, "backfill") as progress,
+        ):
             summary = backfill_module.run_backfill(
                 config,
                 selectors=selectors,
                 filters=Filters(name=name, statuses=statuses),
                 progress=progress,
+                stop=stop,
             )
         click.echo(report.describe_run(summary))
         return summary.exit_code
@@ -247,7 +262,7 @@ def status(ctx: click.Context, limit: int, max_age: timedelta | None) -> None:
     """Recent runs, failing accounts and the age of the last good sync."""
 
     def action() -> int:
-        config = ctx.obj.config()
+        config = ctx.obj.config(tokens=False)
         engine = store.connect(config.database)
         store.check_schema(engine)
         click.echo(report.describe_status(engine, limit))
@@ -298,7 +313,7 @@ def report_command(
         raise click.UsageError("give --days or --since, not both")
 
     def action() -> int:
-        config = ctx.obj.config()
+        config = ctx.obj.config(tokens=False)
         start = since.replace(tzinfo=config.api.zone) if since else None
         click.echo(
             html_report.run_report(config, days=days, since=start, html_path=html_path)
@@ -320,11 +335,31 @@ def _since(value: str | None) -> Any:
 
 
 @main.command()
-@click.option("--port", default=8800, show_default=True, help="Port on 127.0.0.1.")
+@click.option(
+    "--port",
+    default=8800,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port on 127.0.0.1 (0: any free one).",
+)
 @click.option("--seed", default=1, show_default=True, help="Seed of the world.")
-@click.option("--main-accounts", default=2, show_default=True)
-@click.option("--sub-accounts", default=2, show_default=True, help="Per main.")
-@click.option("--tasks", default=20, show_default=True, help="Per account.")
+@click.option(
+    "--main-accounts", default=2, show_default=True, type=click.IntRange(min=1)
+)
+@click.option(
+    "--sub-accounts",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Per main.",
+)
+@click.option(
+    "--tasks",
+    default=20,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Per account.",
+)
 @click.option("--token", default="sim-token", show_default=True)
 @click.option(
     "--tick",
@@ -374,23 +409,21 @@ def simulate(ctx: click.Context, /, **options: Any) -> None:
             )
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--fault") from None
-        click.echo(
-            f"Simulator on http://127.0.0.1:{options['port']} "
-            f"(token {options['token']!r}); main accounts are printed below. "
-            "Ctrl-C stops it.",
-            err=True,
-        )
-        simulator.run(
-            seed=options["seed"],
-            port=options["port"],
-            tick=options["tick"],
-            step=options["step"],
-            main_accounts=options["main_accounts"],
-            sub_accounts=options["sub_accounts"],
-            tasks_per_account=options["tasks"],
-            token=options["token"],
-            faults=faults,
-        )
+        try:
+            simulator.run(
+                seed=options["seed"],
+                port=options["port"],
+                tick=options["tick"],
+                step=options["step"],
+                main_accounts=options["main_accounts"],
+                sub_accounts=options["sub_accounts"],
+                tasks_per_account=options["tasks"],
+                token=options["token"],
+                faults=faults,
+            )
+        except OSError as exc:
+            message = f"cannot listen on 127.0.0.1:{options['port']}: {exc.strerror}"
+            raise click.BadParameter(message, param_hint="--port") from None
         return EXIT_OK
 
     run_command(ctx, action)

@@ -136,8 +136,17 @@ def resolve_path(option: str | None) -> Path:
     return Path(option or os.environ.get(PATH_ENV) or DEFAULT_PATH)
 
 
-def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Read and validate the file; raise `ConfigError` on any problem."""
+def load(
+    path: str | Path,
+    environ: Mapping[str, str] | None = None,
+    *,
+    tokens: bool = True,
+) -> Config:
+    """Read and validate the file; raise `ConfigError` on any problem.
+
+    With `tokens` false the platform's tokens are neither required nor read:
+    commands that only read the database run on hosts without the secret.
+    """
     environ = os.environ if environ is None else environ
     path = Path(path)
     try:
@@ -149,22 +158,33 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
         ) from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read: {exc}", path=str(path)) from None
-    return parse(document, str(path), environ)
+    return parse(document, str(path), environ, tokens=tokens)
 
 
-def parse(document: Mapping[str, Any], path: str, environ: Mapping[str, str]) -> Config:
+def parse(
+    document: Mapping[str, Any],
+    path: str,
+    environ: Mapping[str, str],
+    *,
+    tokens: bool = True,
+) -> Config:
     """Build a `Config` from an already decoded TOML document."""
     reader = _Reader(document, path, "")
     reader.check_keys({"database", "api", "accounts", "schedule", "locks", "archive"})
+    if not tokens:
+        environ = {k: v for k, v in environ.items() if k != TOKEN_ENV}
 
     database = _read_database(reader.table("database"), environ)
-    api = _read_api(reader.table("api"), environ)
-    accounts = tuple(_read_account(item, environ) for item in reader.tables("accounts"))
+    api = _read_api(reader.table("api"), environ, tokens)
+    accounts = tuple(
+        _read_account(item, environ, tokens) for item in reader.tables("accounts")
+    )
     if not accounts:
         raise ConfigError(
             "at least one [[accounts]] entry is required", key="accounts", path=path
         )
-    _check_tokens(api, accounts, path)
+    if tokens:
+        _check_tokens(api, accounts, path)
     return Config(
         database=database,
         api=api,
@@ -204,7 +224,7 @@ def _read_database(reader: _Reader, environ: Mapping[str, str]) -> DatabaseConfi
     )
 
 
-def _read_api(reader: _Reader, environ: Mapping[str, str]) -> ApiConfig:
+def _read_api(reader: _Reader, environ: Mapping[str, str], tokens: bool) -> ApiConfig:
     reader.check_keys(
         {
             "base_url",
@@ -236,7 +256,7 @@ def _read_api(reader: _Reader, environ: Mapping[str, str]) -> ApiConfig:
     d = ApiConfig(base_url="", token="")
     return ApiConfig(
         base_url=base_url,
-        token=environ.get(TOKEN_ENV) or reader.get("token", str, ""),
+        token=_read_token(reader, "token", environ, TOKEN_ENV) if tokens else "",
         timezone=timezone,
         page_size=reader.count("page_size", d.page_size),
         connect_timeout=reader.positive("connect_timeout", d.connect_timeout),
@@ -269,7 +289,9 @@ def _read_endpoints(reader: _Reader) -> Endpoints:
     return endpoints
 
 
-def _read_account(reader: _Reader, environ: Mapping[str, str]) -> MainAccount:
+def _read_account(
+    reader: _Reader, environ: Mapping[str, str], tokens: bool
+) -> MainAccount:
     reader.check_keys(
         {
             "user_id",
@@ -285,9 +307,11 @@ def _read_account(reader: _Reader, environ: Mapping[str, str]) -> MainAccount:
     if not user_id:
         reader.fail("user_id", "must not be empty")
     token_env = reader.get("token_env", str, None)
-    token = (environ.get(token_env, "") if token_env else "") or reader.get(
-        "token", str, ""
-    )
+    if token_env and tokens and not environ.get(token_env, "").strip():
+        # Falling back to the shared token would call with another account's
+        # secret; an unset variable is a mistake to say, not to cover.
+        reader.fail("token_env", f"the environment variable {token_env} is not set")
+    token = _read_token(reader, "token", environ, token_env) if tokens else ""
     sub_accounts = reader.get("sub_accounts", list, [])
     if not all(isinstance(item, str) and item.strip() for item in sub_accounts):
         reader.fail("sub_accounts", "must be a list of non-empty strings")
@@ -363,6 +387,27 @@ def parse_duration(value: object) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"a duration cannot be {value!r}")
     return seconds
+
+
+def _read_token(
+    reader: _Reader, key: str, environ: Mapping[str, str], variable: str | None
+) -> str:
+    """A token from the environment variable if set, else from the file.
+
+    Surrounding whitespace is dropped (a token file saved with a line end);
+    what remains must be visible ASCII, as an HTTP header requires, or the
+    request would fail later with the token quoted in the error.
+    """
+    given = environ.get(variable, "") if variable else ""
+    source = f"the environment variable {variable}" if given else "the file"
+    token = (given or reader.get(key, str, "")).strip()
+    if any(not "!" <= char <= "~" for char in token):
+        reader.fail(
+            key,
+            f"the token from {source} holds a space, a line break or a character "
+            "outside ASCII, which no HTTP header can carry (its value is not shown)",
+        )
+    return token
 
 
 def _check_tokens(api: ApiConfig, accounts: tuple[MainAccount, ...], path: str) -> None:

@@ -716,7 +716,11 @@ def run(
 
 
 def _announce(simulator: Simulator, server: SimServer) -> None:
-    print(f"Serving the platform simulator at {server.url}", flush=True)
+    print(
+        f"Serving the platform simulator at {server.url} (token "
+        f"{simulator.token!r}); Ctrl-C stops it. Accounts:",
+        flush=True,
+    )
     for account in simulator.accounts():
         where = f"user_id {account.user_id}"
         if account.sub_user_id:

@@ -1,3 +1,4 @@
+import socket
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,32 @@ def test_demo_syncs_twice_into_a_fresh_file(tmp_path: Path) -> None:
     assert lines[-2].startswith("In the database: ")
     assert lines[-1].startswith(f'Try: sqlite3 {path} "SELECT status_str')
     assert path.exists()
+
+
+def test_simulate_on_a_busy_port_is_a_usage_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        result = invoke("simulate", "--port", str(port))
+
+    assert result.exit_code == 2
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.output
+
+
+def test_status_and_report_need_no_token(
+    tmp_path: Path, server: SimServer, simulator: Simulator, sqlite_url: str
+) -> None:
+    config = str(write_config(tmp_path, server, simulator, sqlite_url))
+    assert invoke("--config", config, "migrate", token="").exit_code == 0
+    assert invoke("--config", config, "sync").exit_code == 0
+
+    status = invoke("--config", config, "status", token="")
+    report = invoke("--config", config, "report", token="")
+
+    assert (status.exit_code, report.exit_code) == (0, 0), status.output
+    assert "Last good sync:" in status.stdout

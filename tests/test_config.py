@@ -67,6 +67,61 @@ def test_token_per_main_account(tmp_path: Path) -> None:
     ]
 
 
+def test_a_token_saved_with_a_line_end_is_trimmed(tmp_path: Path) -> None:
+    environ = {"TASK_ETL_TOKEN": "env-token\r\n"}
+
+    loaded = config.load(write(tmp_path, MINIMAL), environ)
+
+    assert loaded.api.token == "env-token"
+
+
+@pytest.mark.parametrize(
+    ("environ", "text", "key"),
+    [
+        ({"TASK_ETL_TOKEN": "Secret\rInside"}, MINIMAL, "api.token"),
+        ({"TASK_ETL_TOKEN": "Secret Inside"}, MINIMAL, "api.token"),
+        ({}, MINIMAL.replace("file-token", "Secret€Inside"), "api.token"),
+        (
+            {"MAIN2": "Secret\nInside"},
+            MINIMAL + '[[accounts]]\nuser_id = "main-2"\ntoken_env = "MAIN2"\n',
+            "accounts[1].token",
+        ),
+    ],
+    ids=["carriage-return", "space", "non-ascii", "token-env-line-break"],
+)
+def test_a_token_no_header_can_carry_is_refused_without_showing_it(
+    tmp_path: Path, environ: dict[str, str], text: str, key: str
+) -> None:
+    path = write(tmp_path, text)
+
+    with pytest.raises(ConfigError) as raised:
+        config.load(path, environ)
+
+    assert raised.value.exit_code == 2
+    assert f"{path}: {key}: the token from" in str(raised.value)
+    assert "Secret" not in str(raised.value)
+
+
+def test_an_unset_token_env_is_an_error_not_a_fallback(tmp_path: Path) -> None:
+    text = MINIMAL + '[[accounts]]\nuser_id = "main-2"\ntoken_env = "NOPE_TOKEN"\n'
+
+    with pytest.raises(ConfigError, match="accounts\\[1\\].token_env: the environ"):
+        config.load(write(tmp_path, text), {})
+
+
+def test_commands_that_only_read_the_database_need_no_token(tmp_path: Path) -> None:
+    text = MINIMAL.replace('token = "file-token"\n', "") + (
+        '[[accounts]]\nuser_id = "main-2"\ntoken_env = "NOPE_TOKEN"\n'
+    )
+    path = write(tmp_path, text)
+
+    loaded = config.load(path, {"TASK_ETL_TOKEN": "Secret Inside"}, tokens=False)
+
+    assert [loaded.token_for(u) for u in ("main-1", "main-2")] == ["", ""]
+    with pytest.raises(ConfigError, match="NOPE_TOKEN is not set"):
+        config.load(path, {})
+
+
 def test_tokens_are_not_in_the_repr(tmp_path: Path) -> None:
     loaded = config.load(write(tmp_path, MINIMAL), {})
 

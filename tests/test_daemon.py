@@ -191,26 +191,30 @@ def test_sigterm_mid_run_stops_after_the_page_and_exits_0(
     assert "SIGTERM received: stopping after the page being written" in daemon.log
 
 
-def test_ctrl_c_stops_a_sync_which_exits_130(
+@pytest.mark.parametrize("command", ["sync", "backfill"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_a_sync_or_backfill_which_exits_130(
     tmp_path: Path,
     server: SimServer,
     simulator: Simulator,
     db_url: str,
     engine: Engine,
     started: Callable[..., Daemon],
+    command: str,
+    signum: signal.Signals,
 ) -> None:
     add_tasks(simulator, 16, only_main=True)
     simulator.delay = 0.05
-    sync = started(write_config(tmp_path, server, simulator, db_url), "sync")
+    run_process = started(write_config(tmp_path, server, simulator, db_url), command)
 
     wait_until(lambda: count(engine, tasks) > 0, "a first page stored")
-    code = sync.stop(signal.SIGINT)
+    code = run_process.stop(signum)
 
-    assert code == 130, sync.log
+    assert code == 130, run_process.log
     (run,) = all_runs(engine)
-    assert (run.outcome, run.pages > 0) == ("stopped", True)
-    assert f"Run {run.id} (sync) stopped" in sync.log
-    assert "Traceback" not in sync.log
+    assert (run.kind, run.outcome, run.pages > 0) == (command, "stopped", True)
+    assert f"Run {run.id} ({command}) stopped" in run_process.log
+    assert "Traceback" not in run_process.log
 
 
 def test_a_second_signal_exits_at_once_and_the_next_run_cleans_up(

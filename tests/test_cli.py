@@ -1,4 +1,5 @@
 import socket
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -64,9 +65,18 @@ def test_sync_before_migrate_says_what_to_run(
     tmp_path: Path, server: SimServer, simulator: Simulator, sqlite_url: str
 ) -> None:
     config = str(write_config(tmp_path, server, simulator, sqlite_url))
+    missing = invoke("--config", config, "sync")
+    path = sqlite_url.removeprefix("sqlite:///")
+    assert not Path(path).exists()
+    sqlite3.connect(path).close()
 
     result = invoke("--config", config, "sync")
 
+    assert missing.exit_code == 1
+    assert missing.stderr.endswith(
+        f"Error: the database file {path} does not exist: run `task-etl migrate` "
+        "first to create it\n"
+    )
     assert result.exit_code == 1
     head = store.head_revision()
     assert result.stderr.endswith(

@@ -98,9 +98,11 @@ def run_backfill(
     """
     own_client = client is None
     client = client or make_client(config)
+    engine = engine or store.connect(config.database)
     try:
+        store.check_schema(engine)
         if selectors:
-            _check_selectors(config, client, selectors)
+            _check_selectors(config, client, engine, selectors)
         return run_sync(
             config,
             kind="backfill",
@@ -117,9 +119,13 @@ def run_backfill(
             client.close()
 
 
-def _check_selectors(config: Config, client: Client, selectors: Sequence[str]) -> None:
+def _check_selectors(
+    config: Config, client: Client, engine: Engine, selectors: Sequence[str]
+) -> None:
     """Refuse selectors that name no account before a run is recorded."""
-    found, errors = resolve_accounts(config, client)
+    # With the engine, a failed discovery still knows the earlier runs'
+    # sub-accounts, so naming one of them is not refused.
+    found, errors = resolve_accounts(config, client, engine)
     try:
         select_accounts(found, selectors, "configured or discovered account")
     except ConfigError as exc:
@@ -156,7 +162,7 @@ def replay_archive(
 @dataclass
 class _WalkState:
     previous_complete: datetime | None = None
-    seen: set[str] = field(default_factory=set)
+    seen: store.SeenIds = field(default_factory=store.SeenIds)
     has_started: bool = False
 
 

@@ -268,7 +268,8 @@ def status(ctx: click.Context, limit: int, max_age: timedelta | None) -> None:
         click.echo(report.describe_status(engine, limit))
         if max_age is None:
             return EXIT_OK
-        problem = report.check_freshness(engine, max_age)
+        main_user_ids = [main.user_id for main in config.accounts]
+        problem = report.check_freshness(engine, max_age, main_user_ids=main_user_ids)
         if problem:
             click.echo(f"Error: {problem}", err=True)
             return EXIT_STALE

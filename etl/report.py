@@ -11,6 +11,7 @@ import math
 import re
 import threading
 import time
+from collections.abc import Collection
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, TextIO
@@ -26,6 +27,8 @@ DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"\s*(\d+)\s*([smhd])\s*", re.IGNORECASE)
 # Redrawing more often than this only costs the terminal time.
 PROGRESS_INTERVAL = 0.2
+# How many stale accounts `status --max-age` names; it counts them all.
+STALE_SHOWN = 3
 
 
 def describe_run(summary: RunSummary) -> str:
@@ -132,19 +135,62 @@ def newest_success(engine: Engine) -> datetime | None:
 
 
 def check_freshness(
-    engine: Engine, max_age: timedelta, now: datetime | None = None
+    engine: Engine,
+    max_age: timedelta,
+    now: datetime | None = None,
+    main_user_ids: Collection[str] | None = None,
 ) -> str | None:
-    """Why the newest good sync is too old or missing; None when it is fresh."""
-    newest = newest_success(engine)
-    if newest is None:
+    """Why some account has no good sync within `max_age`; None when all do.
+
+    Every account counts, not only the newest success: an account failing
+    for ever must not hide behind the others. `main_user_ids`, the
+    configured main accounts, leaves out the rows of main accounts no
+    longer configured, and a configured one with no row counts as never
+    synced.
+    """
+    successes = _last_successes(engine, main_user_ids)
+    if all(success is None for success in successes.values()):
         return "no account has ever synced successfully"
-    age = (now or runs.now()) - newest
-    if age > max_age:
-        return (
-            f"the newest good sync is {describe_age(age)} old, older than "
-            f"--max-age {describe_age(max_age)}"
-        )
-    return None
+    now = now or runs.now()
+    stale = [
+        (label, success)
+        for label, success in successes.items()
+        if success is None or now - success > max_age
+    ]
+    if not stale:
+        return None
+    # The never synced first, then the oldest: the ones to look at first.
+    stale.sort(key=lambda item: (item[1] is not None, item[1] or now, item[0]))
+    shown = ", ".join(
+        f"{label} ({_last_success(success, now)})"
+        for label, success in stale[:STALE_SHOWN]
+    )
+    more = f" and {len(stale) - STALE_SHOWN} more" if len(stale) > STALE_SHOWN else ""
+    return (
+        f"{len(stale)} of {len(successes)} accounts had no good sync within "
+        f"--max-age {describe_age(max_age)}: {shown}{more}"
+    )
+
+
+def _last_success(success: datetime | None, now: datetime) -> str:
+    return f"last {describe_age(now - success)} ago" if success else "never"
+
+
+def _last_successes(
+    engine: Engine, main_user_ids: Collection[str] | None
+) -> dict[str, datetime | None]:
+    """Each account's last success by label, of the given main accounts."""
+    query = select(accounts).order_by(accounts.c.user_id, accounts.c.sub_user_id)
+    if main_user_ids is not None:
+        query = query.where(accounts.c.user_id.in_(main_user_ids))
+    with engine.connect() as connection:
+        rows = connection.execute(query).mappings().all()
+    successes = {_label(row): row["last_success_at"] for row in rows}
+    known = {row["user_id"] for row in rows}
+    for user_id in main_user_ids or ():
+        if user_id not in known:
+            successes[user_id] = None
+    return successes
 
 
 def parse_duration(text: str) -> timedelta:

@@ -198,6 +198,24 @@ def register_accounts(
         connection.execute(statement, rows)
 
 
+def known_sub_accounts(engine: Engine, user_id: str) -> list[Account]:
+    """The sub-accounts of a main account that earlier runs discovered."""
+    query = (
+        select(accounts.c.sub_user_id, accounts.c.name)
+        .where(
+            accounts.c.user_id == user_id,
+            accounts.c.sub_user_id != "",
+            accounts.c.origin == "discovered",
+        )
+        .order_by(accounts.c.sub_user_id)
+    )
+    with engine.connect() as connection:
+        rows = connection.execute(query).all()
+    return [
+        Account(user_id, row.sub_user_id, row.name, origin="discovered") for row in rows
+    ]
+
+
 def previous_complete(engine: Engine, account: Account) -> datetime | None:
     """When a complete walk of this account last ended, if ever."""
     with engine.connect() as connection:

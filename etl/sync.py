@@ -96,6 +96,20 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class Resolved:
+    """The accounts of a run and what went wrong finding them.
+
+    `discovery_errors` maps (user_id, sub_user_id) to a failed sub-account
+    discovery to record on that account, whose own walk may succeed: else
+    its record would look fine while the list of sub-accounts is failing.
+    """
+
+    accounts: list[Account]
+    errors: list[str]
+    discovery_errors: dict[tuple[str, str], str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class _WalkEnd:
     account: Account
     started: datetime
@@ -108,7 +122,7 @@ class _WalkEnd:
 class _AccountState:
     started: datetime | None = None
     previous_complete: datetime | None = None
-    seen: set[str] = field(default_factory=set)
+    seen: store.SeenIds = field(default_factory=store.SeenIds)
     failed: bool = False
     error: str | None = None
     walk_started: datetime | None = None
@@ -194,6 +208,7 @@ class _Run:
         self.pages = 0
         self.errors: list[str] = []
         self.states: dict[Account, _AccountState] = {}
+        self.discovery_errors: dict[tuple[str, str], str] = {}
         # Set to end the walks: by a stop request, the deadline, or an error.
         self.stop = halt or threading.Event()
         self.halted_by: str | None = None
@@ -322,7 +337,7 @@ class _Run:
                 self.run_id,
                 started=state.walk_started,
                 outcome=outcome,
-                error=state.error,
+                error=self._error(account),
                 complete=False,
             )
             self._record_walk(account, outcome)
@@ -347,12 +362,20 @@ class _Run:
             started=state.walk_started or runs.now(),
             pages=state.pages,
             tasks_seen=state.tasks_seen,
-            error=state.error,
+            error=self._error(account),
         )
 
+    def _error(self, account: Account) -> str | None:
+        """What to record as the account's error: its walk's, and a failed
+        discovery that it carries (see `Resolved`)."""
+        parts = (self.states[account].error, self.discovery_errors.get(_key(account)))
+        return "; ".join(part for part in parts if part) or None
+
     def _resolve(self, only: Sequence[str]) -> list[Account]:
-        found, errors = resolve_accounts(self.config, self.client)
-        self.errors.extend(errors)
+        resolved = resolve(self.config, self.client, self.engine)
+        self.errors.extend(resolved.errors)
+        self.discovery_errors = resolved.discovery_errors
+        found = resolved.accounts
         if only:
             wanted = set(only)
             found = [a for a in found if a.label in wanted or a.user_id in wanted]
@@ -519,14 +542,14 @@ class _Run:
             self.run_id,
             started=end.started,
             outcome=outcome,
-            error=state.error,
+            error=self._error(end.account),
             complete=complete,
             finished=ended,
         )
         self._record_walk(end.account, outcome)
         assert self.locks is not None, "locks are taken inside locks.hold()"
         self.locks.release(end.account)
-        state.seen = set()
+        state.seen = store.SeenIds()
         self.walks_ended += 1
         self._report_progress()
 
@@ -590,24 +613,63 @@ def parse_page(page: Page, zone: tzinfo) -> PageBatch:
     )
 
 
-def resolve_accounts(config: Config, client: Client) -> tuple[list[Account], list[str]]:
+def resolve_accounts(
+    config: Config, client: Client, engine: Engine | None = None
+) -> tuple[list[Account], list[str]]:
     """The accounts of a run: configured ones, then discovered sub-accounts."""
+    resolved = resolve(config, client, engine)
+    return resolved.accounts, resolved.errors
+
+
+def resolve(config: Config, client: Client, engine: Engine | None = None) -> Resolved:
+    """The accounts of a run, the errors finding them, and which accounts
+    carry a failed discovery (see `Resolved`)."""
     found: dict[tuple[str, str], Account] = {}
     errors: list[str] = []
+    discovery_errors: dict[tuple[str, str], str] = {}
     for main in config.accounts:
         if main.sync_own_tasks:
             found[(main.user_id, "")] = Account(main.user_id, "", main.name)
         for sub in main.sub_accounts:
             found[(main.user_id, sub)] = Account(main.user_id, sub)
-        if main.discover_sub_accounts:
-            try:
-                for account in discover_sub_accounts(client, main.user_id):
-                    found.setdefault((account.user_id, account.sub_user_id), account)
-            except ApiError as exc:
-                message = f"sub-account discovery failed: {exc}"
-                log.error("%s", message)
-                errors.append(message)
-    return list(found.values()), errors
+        if not main.discover_sub_accounts:
+            continue
+        listed, error = _discover_or_recall(client, main.user_id, engine)
+        for account in listed:
+            found.setdefault(_key(account), account)
+        if error is not None:
+            errors.append(error)
+            # The main account's record shows it; without a walk of its
+            # own, the record of every sub-account walked in its stead.
+            carriers = [Account(main.user_id)] if main.sync_own_tasks else listed
+            discovery_errors.update((_key(account), error) for account in carriers)
+    return Resolved(list(found.values()), errors, discovery_errors)
+
+
+def _discover_or_recall(
+    client: Client, user_id: str, engine: Engine | None
+) -> tuple[list[Account], str | None]:
+    """A main account's sub-accounts from the platform, and None; when the
+    list fails, those earlier runs discovered, and the error. Skipping them
+    would leave them unsynced while their records still looked fine."""
+    try:
+        return discover_sub_accounts(client, user_id), None
+    except ApiError as exc:
+        error = f"sub-account discovery failed: {exc}"
+    log.error("%s", error)
+    known = runs.known_sub_accounts(engine, user_id) if engine is not None else []
+    if known:
+        log.warning(
+            "account %s: sub-account discovery failed; walking the %d sub-accounts "
+            "discovered by earlier runs instead",
+            user_id,
+            len(known),
+        )
+    return known, error
+
+
+def _key(account: Account) -> tuple[str, str]:
+    return (account.user_id, account.sub_user_id)
 
 
 def discover_sub_accounts(client: Client, user_id: str) -> list[Account]:

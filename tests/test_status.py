@@ -6,9 +6,10 @@ from unittest import mock
 import pytest
 from click.testing import CliRunner, Result
 
-from etl import runs
+from etl import runs, store
 from etl.cli import EXIT_STALE, main
-from etl.report import describe_age, parse_duration
+from etl.config import DatabaseConfig
+from etl.report import STALE_SHOWN, check_freshness, describe_age, parse_duration
 from etl.simulator import SimServer, Simulator
 
 
@@ -19,19 +20,35 @@ def simulator() -> Simulator:
 
 @pytest.fixture
 def config(tmp_path: Path, server: SimServer, simulator: Simulator, db_url: str) -> str:
+    path = write_config(tmp_path / "task-etl.toml", server, simulator, db_url)
+    assert invoke("--config", path, "migrate").exit_code == 0
+    return path
+
+
+def write_config(
+    path: Path, server: SimServer, simulator: Simulator, db_url: str, api: str = ""
+) -> str:
+    """A configuration of every main account; `api` adds lines to [api]."""
     accounts = "".join(
         f'[[accounts]]\nuser_id = "{user_id}"\ndiscover_sub_accounts = true\n'
         for user_id in simulator.main_user_ids()
     )
-    path = tmp_path / "task-etl.toml"
     path.write_text(
         f'[database]\nurl = "{db_url}"\n'
         f'[api]\nbase_url = "{server.url}"\npage_size = 3\n'
-        "requests_per_second = 500.0\n" + accounts,
+        "requests_per_second = 500.0\n" + api + accounts,
         encoding="utf-8",
     )
-    assert invoke("--config", str(path), "migrate").exit_code == 0
     return str(path)
+
+
+def labels(simulator: Simulator, user_id: str) -> list[str]:
+    """How status names the accounts of a main account, in its order."""
+    return sorted(
+        f"{a.user_id}:{a.sub_user_id}" if a.sub_user_id else a.user_id
+        for a in simulator.accounts()
+        if a.user_id == user_id
+    )
 
 
 def invoke(*args: str, token: str = "sim-token") -> Result:
@@ -64,8 +81,8 @@ def later(seconds: float) -> Any:
         "stale-day",
     ],
 )
-def test_max_age_exits_5_when_the_newest_good_sync_is_older(
-    config: str, elapsed: int, max_age: str, code: int
+def test_max_age_exits_5_when_the_last_good_syncs_are_older(
+    config: str, simulator: Simulator, elapsed: int, max_age: str, code: int
 ) -> None:
     assert invoke("--config", config, "sync").exit_code == 0
 
@@ -75,10 +92,22 @@ def test_max_age_exits_5_when_the_newest_good_sync_is_older(
     assert result.exit_code == code, result.output
     assert "Last good sync: " in result.stdout
     if code:
-        assert result.stderr.endswith(
-            f"older than --max-age {describe_age(parse_duration(max_age))}\n"
+        every = [
+            label
+            for user_id in simulator.main_user_ids()
+            for label in labels(simulator, user_id)
+        ]
+        head, named = result.stderr.rstrip("\n").rsplit(": ", 1)
+        assert head == (
+            f"Error: {len(every)} of {len(every)} accounts had no good sync "
+            f"within --max-age {describe_age(parse_duration(max_age))}"
         )
-        assert result.stderr.startswith("Error: the newest good sync is ")
+        # Four accounts: three are named, the oldest first, then a count.
+        shown, _, more = named.partition(" and ")
+        assert more == f"{len(every) - STALE_SHOWN} more"
+        age = describe_age(timedelta(seconds=elapsed))
+        assert len(set(shown.split(", "))) == STALE_SHOWN
+        assert set(shown.split(", ")) <= {f"{x} (last {age} ago)" for x in every}
     else:
         assert result.stderr == ""
 
@@ -99,6 +128,98 @@ def test_max_age_counts_only_successful_walks(config: str) -> None:
     assert failed.exit_code == 1
     assert result.exit_code == EXIT_STALE
     assert "#1 sync" in result.stdout and " failed " in result.stdout
+
+
+def test_max_age_names_an_account_that_never_succeeds_while_others_do(
+    config: str, simulator: Simulator
+) -> None:
+    failing, _working = simulator.main_user_ids()
+    simulator.set_token(failing, "rotated-secret")
+    assert invoke("--config", config, "sync").exit_code == 3
+
+    result = invoke("--config", config, "status", "--max-age", "1d")
+
+    # Its sub-account was never discovered: three accounts are known.
+    assert result.exit_code == EXIT_STALE, result.output
+    assert result.stderr == (
+        "Error: 1 of 3 accounts had no good sync within --max-age 1 d: "
+        f"{failing} (never)\n"
+    )
+
+
+def test_max_age_names_the_accounts_whose_last_good_sync_is_older(
+    config: str, simulator: Simulator
+) -> None:
+    failing, _working = simulator.main_user_ids()
+    assert invoke("--config", config, "sync").exit_code == 0
+    simulator.set_token(failing, "rotated-secret")
+
+    with later(2 * 3600):
+        synced = invoke("--config", config, "sync")
+        result = invoke("--config", config, "status", "--max-age", "1h")
+
+    assert synced.exit_code == 3, synced.output
+    assert result.exit_code == EXIT_STALE, result.output
+    head, named = result.stderr.rstrip("\n").rsplit(": ", 1)
+    assert head == "Error: 2 of 4 accounts had no good sync within --max-age 1 h"
+    assert sorted(named.split(", ")) == [
+        f"{label} (last 2 h ago)" for label in labels(simulator, failing)
+    ]
+    assert "Last good sync: " in result.stdout
+    assert result.stdout.endswith(" (0 s ago)\n")
+
+
+def test_max_age_counts_the_accounts_of_the_given_main_accounts(
+    config: str, simulator: Simulator, db_url: str
+) -> None:
+    failing, working = simulator.main_user_ids()
+    simulator.set_token(failing, "rotated-secret")
+    invoke("--config", config, "sync")
+    engine = store.connect(DatabaseConfig(url=db_url))
+    day = timedelta(days=1)
+
+    try:
+        fresh = check_freshness(engine, day, main_user_ids=[working])
+        added = check_freshness(engine, day, main_user_ids=[working, "new-main"])
+        unknown = check_freshness(engine, day, main_user_ids=["new-main"])
+    finally:
+        engine.dispose()
+
+    assert fresh is None
+    assert added == (
+        "1 of 3 accounts had no good sync within --max-age 1 d: new-main (never)"
+    )
+    assert unknown == "no account has ever synced successfully"
+
+
+def test_status_shows_a_failed_discovery_and_its_known_sub_accounts_sync(
+    config: str, tmp_path: Path, server: SimServer, simulator: Simulator, db_url: str
+) -> None:
+    assert invoke("--config", config, "sync").exit_code == 0
+    # A path the simulator does not serve: the list answers 404.
+    broken = write_config(
+        tmp_path / "broken.toml",
+        server,
+        simulator,
+        db_url,
+        api='[api.endpoints]\nsub_account_list = "/agent-api/user/{user_id}/subs"\n',
+    )
+
+    synced = invoke("--config", broken, "sync")
+    result = invoke("--config", broken, "status", "--limit", "1", "--max-age", "1h")
+
+    assert synced.exit_code == 3, synced.output
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith("  #2 sync ")
+    assert " partial " in lines[1] and "4 accounts (0 failed)" in lines[1]
+    errors = [line.strip() for line in lines if "last error: " in line]
+    assert errors == [
+        f"last error: sub-account discovery failed: account {user_id}, endpoint "
+        "/agent-api/user/{user_id}/subs, page 1, HTTP 404: the platform rejected "
+        "the request: '接口不存在'"
+        for user_id in sorted(simulator.main_user_ids())
+    ]
 
 
 @pytest.mark.parametrize(
@@ -154,9 +275,10 @@ def test_status_shows_runs_accounts_and_errors_without_secrets(
     assert lines[0] == "Recent runs:"
     assert lines[1].startswith("  #2 sync ")
     assert " partial " in lines[1]
-    assert "3 accounts (1 failed)" in lines[1]
+    # The account's sub-account is walked too, from the first run's list.
+    assert "4 accounts (2 failed)" in lines[1]
     assert lines[2] == "Accounts:"
-    assert sum("last error: " in line for line in lines) == 1
+    assert sum("last error: " in line for line in lines) == 2
     assert "the platform refused the token" in result.stdout
     assert "sim-token" not in result.output and "rotated-secret" not in result.output
     assert "http" not in result.output

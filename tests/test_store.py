@@ -207,3 +207,15 @@ def test_sync_refuses_a_database_not_at_the_current_schema(db_url: str) -> None:
     with pytest.raises(store.StoreError, match="run `task-etl migrate` first"):
         store.check_schema(engine)
     engine.dispose()
+
+
+def test_seen_ids_hold_every_listed_id_and_no_other() -> None:
+    seen = store.SeenIds()
+    listed = [f"task-{number}" for number in range(5000)]
+    seen.update(listed[:2500])
+    seen.update(["task-0", *listed[2500:]])
+
+    assert all(uuid in seen for uuid in listed)
+    assert not any(f"gone-{number}" in seen for number in range(5000))
+    assert "任务\ud83d" not in seen
+    assert len(seen) == 5001

@@ -5,7 +5,7 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from etl import store
-from etl.config import ApiConfig, Config, DatabaseConfig, MainAccount
+from etl.config import ApiConfig, Config, DatabaseConfig, Endpoints, MainAccount
 from etl.models import accounts, sync_runs, task_status_changes, tasks
 from etl.simulator import SimServer, Simulator
 from etl.sync import Filters, run_sync
@@ -120,7 +120,13 @@ def test_removals_are_logged_once_per_account_not_once_per_task(
     with caplog.at_level(logging.INFO, logger="etl.store"):
         run_sync(config, engine=engine)
 
-    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    # The store's records only: once a CLI test has set the root logger to
+    # INFO, the run's summary line ("... 0 removed ...") is captured too.
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "etl.store" and r.levelno == logging.INFO
+    ]
     removals = [line for line in lines if "removed" in line]
     assert removals == [
         f"account {gone[0].user_id}: 3 task(s) no longer listed, marked removed"
@@ -182,6 +188,102 @@ def test_failed_account_does_not_stop_the_others_or_remove_anything(
         t.uuid for t in simulator.tasks() if t.user_id == first and t.removed_at
     ]
     assert all(uuid in stored for uuid in removed_first)
+
+
+# A path the simulator does not serve: the sub-account list answers 404.
+UNSERVED = Endpoints(sub_account_list="/agent-api/user/{user_id}/subs")
+
+
+def account_rows(engine: Engine) -> dict[tuple[str, str], Any]:
+    with engine.connect() as connection:
+        return {
+            (row.user_id, row.sub_user_id): row
+            for row in connection.execute(select(accounts))
+        }
+
+
+def test_failed_discovery_walks_the_sub_accounts_earlier_runs_found(
+    simulator: Simulator,
+    server: SimServer,
+    engine: Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    run_sync(make_config(server, simulator), engine=engine)
+    before = truth(simulator)
+    simulator.advance(6 * 3600)
+    subs = {t.uuid for t in simulator.tasks() if t.sub_user_id}
+    moved = {u for u in subs if truth(simulator).get(u) != before.get(u)}
+    assert moved, "the sub-accounts' tasks must change for this test to tell"
+
+    with caplog.at_level(logging.WARNING, logger="etl.sync"):
+        summary = run_sync(
+            make_config(server, simulator, endpoints=UNSERVED), engine=engine
+        )
+
+    assert (summary.outcome, summary.exit_code) == ("partial", 3)
+    assert (summary.accounts, summary.accounts_failed) == (6, 0)
+    assert listed(engine) == truth(simulator)
+    mains = simulator.main_user_ids()
+    errors = [
+        f"sub-account discovery failed: account {user_id}, endpoint "
+        f"{UNSERVED.sub_account_list}, page 1, HTTP 404: the platform rejected the "
+        "request: '接口不存在'"
+        for user_id in mains
+    ]
+    assert list(summary.errors) == errors
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "etl.sync" and r.levelno == logging.WARNING
+    ]
+    assert warnings == [
+        f"account {user_id}: sub-account discovery failed; walking the 2 "
+        "sub-accounts discovered by earlier runs instead"
+        for user_id in mains
+    ]
+    rows = account_rows(engine)
+    assert {key: row.last_error for key, row in rows.items()} == {
+        **{(a.user_id, a.sub_user_id): None for a in simulator.accounts()},
+        **{(user_id, ""): error for user_id, error in zip(mains, errors, strict=True)},
+    }
+    assert {row.last_run_id for row in rows.values()} == {summary.run_id}
+    assert {row.last_outcome for row in rows.values()} == {"succeeded"}
+
+
+def test_failed_discovery_shows_on_the_sub_accounts_without_a_main_walk(
+    simulator: Simulator, server: SimServer, engine: Engine
+) -> None:
+    first = simulator.main_user_ids()[0]
+    config = make_config(server, simulator)
+    config = Config(
+        database=config.database,
+        api=config.api,
+        accounts=(
+            MainAccount(
+                user_id=first, sync_own_tasks=False, discover_sub_accounts=True
+            ),
+        ),
+    )
+    run_sync(config, engine=engine)
+    broken = Config(
+        database=config.database,
+        api=make_config(server, simulator, endpoints=UNSERVED).api,
+        accounts=config.accounts,
+    )
+
+    summary = run_sync(broken, engine=engine)
+
+    assert (summary.outcome, summary.accounts, summary.accounts_failed) == (
+        "partial",
+        2,
+        0,
+    )
+    (error,) = summary.errors
+    assert error.startswith(f"sub-account discovery failed: account {first}, ")
+    subs = [a.sub_user_id for a in simulator.accounts() if a.user_id == first]
+    rows = account_rows(engine)
+    assert sorted(rows) == sorted((first, sub) for sub in subs if sub)
+    assert {row.last_error for row in rows.values()} == {error}
 
 
 def test_filtered_walk_never_marks_removals(

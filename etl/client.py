@@ -208,6 +208,9 @@ class Client:
         if endpoint not in self.api.endpoints.allowed():
             # Some of the platform's mutating operations are GETs too.
             raise call.fatal("not an allow-listed read endpoint; refusing to call it")
+        if account.user_id in ("", ".", ".."):
+            # A dot segment would lead the server off the allow-listed path.
+            raise call.fatal("not an account id; refusing to call the endpoint")
         user_id = quote(account.user_id, safe="")
         url = self.api.base_url + endpoint.replace("{user_id}", user_id)
         query = {**params, **_paging(account, page)}

@@ -306,6 +306,10 @@ def _read_account(
     user_id = reader.require("user_id", str).strip()
     if not user_id:
         reader.fail("user_id", "must not be empty")
+    if user_id in (".", ".."):
+        # It goes into the endpoint's path, where a dot segment would lead a
+        # server to another path than the allow-listed one.
+        reader.fail("user_id", f"{user_id!r} is not an account id")
     token_env = reader.get("token_env", str, None)
     if token_env and tokens and not environ.get(token_env, "").strip():
         # Falling back to the shared token would call with another account's

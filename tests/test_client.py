@@ -275,6 +275,14 @@ def test_refuses_an_endpoint_off_the_allow_list_without_calling(
     assert platform.requests == []
 
 
+@pytest.mark.parametrize("user_id", ["", ".", ".."])
+def test_refuses_an_account_id_that_would_change_the_path(platform, connect, user_id):
+    with pytest.raises(FatalApiError, match="not an account id"):
+        list(connect().walk_tasks(Account(user_id, "")))
+
+    assert platform.requests == []
+
+
 def test_refuses_an_unknown_status_filter_without_calling(platform, connect):
     with pytest.raises(FatalApiError, match=r"unknown task status \[4\]"):
         connect().walk_tasks(MAIN, statuses=[1, 4])

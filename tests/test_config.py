@@ -122,6 +122,14 @@ def test_commands_that_only_read_the_database_need_no_token(tmp_path: Path) -> N
         config.load(path, {})
 
 
+@pytest.mark.parametrize("user_id", [".", ".."])
+def test_a_dot_segment_is_not_an_account_id(tmp_path: Path, user_id: str) -> None:
+    path = write(tmp_path, MINIMAL.replace('"main-1"', f'"{user_id}"'))
+
+    with pytest.raises(ConfigError, match=r"accounts\[0\]\.user_id: '\.+' is not"):
+        config.load(path, {})
+
+
 def test_tokens_are_not_in_the_repr(tmp_path: Path) -> None:
     loaded = config.load(write(tmp_path, MINIMAL), {})
 

@@ -83,6 +83,12 @@ def served(server: SimServer, simulator: Simulator, header: dict[str, Any]) -> b
     return response.content
 
 
+def a_recorder(directory: Path | None) -> WalkRecorder:
+    """The recorder of one sync's walk of `a_page`'s account; None: no archive."""
+    config = ArchiveConfig(dir=str(directory)) if directory is not None else None
+    return WalkRecorder(config, a_page().account, run_id=1, kind="sync", started=T0)
+
+
 def a_page(number: int = 1, body: bytes = b'{"data": []}') -> Page:
     return Page(
         account=Account("main-1", "sub-1"),
@@ -170,13 +176,7 @@ def test_no_temporary_file_is_left_by_a_sync(
 def test_a_failed_write_leaves_neither_a_half_file_nor_a_temporary_one(
     tmp_path: Path,
 ) -> None:
-    recorder = WalkRecorder(
-        ArchiveConfig(dir=str(tmp_path)),
-        a_page().account,
-        run_id=1,
-        kind="sync",
-        started=T0,
-    )
+    recorder = a_recorder(tmp_path)
     recorder.add(a_page(1))
     (folder,) = tmp_path.glob("*/*")
     # A directory where the page file should go makes the rename fail.
@@ -199,13 +199,7 @@ def test_a_failed_write_leaves_neither_a_half_file_nor_a_temporary_one(
 def test_a_write_cut_short_leaves_no_file_under_the_final_name(
     tmp_path: Path,
 ) -> None:
-    recorder = WalkRecorder(
-        ArchiveConfig(dir=str(tmp_path)),
-        a_page().account,
-        run_id=1,
-        kind="sync",
-        started=T0,
-    )
+    recorder = a_recorder(tmp_path)
     recorder.add(a_page(1))
     (folder,) = tmp_path.glob("*/*")
     # Random bytes do not compress: the write passes the file size limit and
@@ -227,13 +221,7 @@ def test_a_write_cut_short_leaves_no_file_under_the_final_name(
 def test_a_temporary_file_left_by_a_crash_is_ignored_when_reading(
     tmp_path: Path,
 ) -> None:
-    recorder = WalkRecorder(
-        ArchiveConfig(dir=str(tmp_path)),
-        a_page().account,
-        run_id=1,
-        kind="sync",
-        started=T0,
-    )
+    recorder = a_recorder(tmp_path)
     recorder.add(a_page(1))
     recorder.finish(ended=T0, complete=True, failed=False, error=None)
     (folder,) = tmp_path.glob("*/*")
@@ -265,13 +253,7 @@ def test_a_write_failure_fails_the_account_loudly_and_stores_nothing(
 
 
 def test_a_walk_that_archived_nothing_gets_no_marker(tmp_path: Path) -> None:
-    recorder = WalkRecorder(
-        ArchiveConfig(dir=str(tmp_path)),
-        a_page().account,
-        run_id=1,
-        kind="sync",
-        started=T0,
-    )
+    recorder = a_recorder(tmp_path)
 
     recorder.finish(ended=T0, complete=False, failed=True, error="refused")
 
@@ -279,7 +261,7 @@ def test_a_walk_that_archived_nothing_gets_no_marker(tmp_path: Path) -> None:
 
 
 def test_without_an_archive_configured_nothing_is_written(tmp_path: Path) -> None:
-    recorder = WalkRecorder(None, a_page().account, run_id=1, kind="sync", started=T0)
+    recorder = a_recorder(None)
 
     recorder.add(a_page(1))
     recorder.finish(ended=T0, complete=True, failed=False, error=None)
@@ -288,13 +270,7 @@ def test_without_an_archive_configured_nothing_is_written(tmp_path: Path) -> Non
 
 
 def write_walk(root: Path, pages: int = 2) -> Path:
-    recorder = WalkRecorder(
-        ArchiveConfig(dir=str(root)),
-        a_page().account,
-        run_id=1,
-        kind="sync",
-        started=T0,
-    )
+    recorder = a_recorder(root)
     for number in range(1, pages + 1):
         recorder.add(a_page(number, b'{"code": 200, "data": [{"uuid": "t1"}]}'))
     recorder.finish(ended=T0, complete=True, failed=False, error=None)

@@ -540,14 +540,20 @@ def test_an_unfinished_walk_is_stored_but_removes_nothing(
     assert stored_live(target) - {gone.uuid} == stored_live(engine)
 
 
-def test_replay_command_reports_the_walks_and_can_be_repeated(
-    tmp_path: Path, server: SimServer, simulator: Simulator, sqlite_url: str
-) -> None:
+def archived_sync(tmp_path: Path, server: SimServer, simulator: Simulator) -> Path:
+    """Sync into a database of its own, archiving; the archive's directory."""
     root = tmp_path / "archive"
     run_sync(
         make_config(server, simulator, root),
         engine=connect(f"sqlite:///{tmp_path / 'live.db'}"),
     )
+    return root
+
+
+def test_replay_command_reports_the_walks_and_can_be_repeated(
+    tmp_path: Path, server: SimServer, simulator: Simulator, sqlite_url: str
+) -> None:
+    root = archived_sync(tmp_path, server, simulator)
     config = migrated_config(tmp_path, server, simulator, sqlite_url)
 
     first = invoke("--config", config, "backfill", "--from-archive", str(root))
@@ -569,11 +575,7 @@ def test_replay_command_reports_the_walks_and_can_be_repeated(
 def test_replay_of_a_corrupt_archive_names_the_file_and_writes_nothing(
     tmp_path: Path, server: SimServer, simulator: Simulator, sqlite_url: str
 ) -> None:
-    root = tmp_path / "archive"
-    run_sync(
-        make_config(server, simulator, root),
-        engine=connect(f"sqlite:///{tmp_path / 'live.db'}"),
-    )
+    root = archived_sync(tmp_path, server, simulator)
     broken = sorted(root.glob("*/*/page-000002.json.gz"))[-1]
     broken.write_bytes(broken.read_bytes()[:20])
     config = migrated_config(tmp_path, server, simulator, sqlite_url)
@@ -592,11 +594,7 @@ def test_replay_of_a_corrupt_archive_names_the_file_and_writes_nothing(
 def test_replay_of_chosen_accounts_only(
     tmp_path: Path, server: SimServer, simulator: Simulator, sqlite_url: str
 ) -> None:
-    root = tmp_path / "archive"
-    run_sync(
-        make_config(server, simulator, root),
-        engine=connect(f"sqlite:///{tmp_path / 'live.db'}"),
-    )
+    root = archived_sync(tmp_path, server, simulator)
     config = migrated_config(tmp_path, server, simulator, sqlite_url)
     main_id = simulator.main_user_ids()[1]
 

@@ -171,8 +171,6 @@ def parse(
     """Build a `Config` from an already decoded TOML document."""
     reader = _Reader(document, path, "")
     reader.check_keys({"database", "api", "accounts", "schedule", "locks", "archive"})
-    if not tokens:
-        environ = {k: v for k, v in environ.items() if k != TOKEN_ENV}
 
     database = _read_database(reader.table("database"), environ)
     api = _read_api(reader.table("api"), environ, tokens)

@@ -214,6 +214,7 @@ class _Run:
         self.halted_by: str | None = None
         self.cut_short = False
         self.locks: locks.AccountLocks | None = None
+        self.writer = store.PageWriter(engine)
         # Room for two pages per fetcher keeps them busy while the writer
         # works, and bounds memory whatever the number of pages.
         self.queue: queue.Queue[PageBatch | _WalkEnd] = queue.Queue(
@@ -392,7 +393,8 @@ class _Run:
         try:
             for account in found:
                 pool.submit(self._fetch, account)
-            self._write_until_done(len(found))
+            with self.writer:
+                self._write_until_done(len(found))
         except BaseException:
             # Release fetchers blocked on the full queue, or leaving the
             # pool would wait for them for ever.
@@ -420,6 +422,12 @@ class _Run:
         )
         self.recorders[account] = recorder
         try:
+            # Every task of an account with none stored is new and will be
+            # written: parsed here, it is parsed while the writer waits on
+            # the database. Otherwise most tasks are unchanged, and the
+            # writer parses only those it writes.
+            dialect = self.engine.dialect.name
+            prepare = not store.has_listed_tasks(self.engine, account)
             walk = self.client.walk_tasks(
                 account, name=self.filters.name, statuses=self.filters.statuses
             )
@@ -430,7 +438,8 @@ class _Run:
                 # Archived before it is stored, so no stored page is missing
                 # from the archive, and a failure stops the walk here.
                 recorder.add(page)
-                self._put(parse_page(page, self.config.api.zone))
+                batch = parse_page(page, self.config.api.zone)
+                self._put(batch.prepared(dialect) if prepare else batch)
             self._put(_WalkEnd(account, started, walk.is_complete, None))
         except RunInterrupted:
             self._put(_WalkEnd(account, started, False, None))
@@ -489,9 +498,7 @@ class _Run:
         try:
             assert self.locks is not None, "locks are taken inside locks.hold()"
             self.locks.confirm(batch.account)
-            counts = store.write_page(
-                self.engine, self.run_id, batch, state.previous_complete
-            )
+            counts = self.writer.write(self.run_id, batch, state.previous_complete)
         except EtlError as exc:
             self._fail(batch.account, str(exc))
             return

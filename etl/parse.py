@@ -72,6 +72,8 @@ class TaskRecord:
     raw: dict[str, Any]
     content_hash: str
     bad_fields: tuple[str, ...] = ()
+    # `raw` as JSON text in `payload_json` form, when parsing already made it.
+    raw_json: str | None = field(default=None, repr=False)
 
     @property
     def group_id(self) -> str | None:
@@ -97,11 +99,21 @@ class ListedTask:
     zone: tzinfo
     item: dict[str, Any] = field(repr=False)
     needs_cleaning: bool = True
+    # The item's canonical JSON, which its hash is taken of.
+    canonical: str | None = field(default=None, repr=False)
 
     def parsed(self) -> TaskRecord:
         # Cleaning walks every string of the item, which cost a first sync
         # a fifth of its time; most items hold nothing it would change.
-        raw = clean(self.item) if self.needs_cleaning else redact(self.item)
+        raw_json = None
+        if self.needs_cleaning:
+            raw = clean(self.item)
+        elif self.canonical and not _nested_secret(self.item, self.canonical):
+            # The canonical text is then the payload itself: serializing
+            # the item again cost as much as taking its hash.
+            raw, raw_json = _top_level_redacted(self.item), self.canonical
+        else:
+            raw = redact(self.item)
         zone = self.zone
         bad: list[str] = []
         return TaskRecord(
@@ -124,6 +136,7 @@ class ListedTask:
             raw=raw,
             content_hash=self.content_hash,
             bad_fields=tuple(bad),
+            raw_json=raw_json,
         )
 
 
@@ -150,6 +163,7 @@ def identify_task(item: Any, account: Account, zone: tzinfo) -> ListedTask:
         zone,
         item,
         needs_cleaning=_UNCLEAN.search(canonical) is not None,
+        canonical=canonical,
     )
 
 
@@ -221,13 +235,26 @@ def content_hash(item: dict[str, Any]) -> str:
 
 
 def _canonical(item: dict[str, Any]) -> str:
+    return payload_json(_top_level_redacted(item))
+
+
+def payload_json(value: Any) -> str:
+    """The one JSON form of stored payloads: keys sorted, compact, UTF-8."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def _top_level_redacted(item: dict[str, Any]) -> dict[str, Any]:
     hidden = {key: REDACTED for key in SENSITIVE_KEYS if item.get(key)}
-    return json.dumps(
-        {**item, **hidden} if hidden else item,
-        sort_keys=True,
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
+    return {**item, **hidden} if hidden else item
+
+
+def _nested_secret(item: dict[str, Any], canonical: str) -> bool:
+    """Whether a sensitive key shows below the top level of the item.
+
+    In compact JSON a key is always its quoted name and a colon, which no
+    string value can hold unescaped, so counting finds every one.
+    """
+    return any(canonical.count(f'"{key}":') > (key in item) for key in SENSITIVE_KEYS)
 
 
 def _digest(canonical: str) -> str:

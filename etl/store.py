@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
-import json
 import logging
 import os
 import sqlite3
@@ -41,7 +40,7 @@ from etl.accounts import Account
 from etl.config import DatabaseConfig
 from etl.errors import StoreError
 from etl.models import groups, sync_rejects, task_status_changes, tasks
-from etl.parse import ListedTask, TaskRecord
+from etl.parse import ListedTask, TaskRecord, payload_json
 
 log = logging.getLogger(__name__)
 
@@ -335,13 +334,13 @@ def _plan(
 
 
 class _DriverValues:
-    """Values as the database driver takes them, exactly as SQLAlchemy's
-    column types would hand them over.
+    """Values as the database driver takes them.
 
     The rows of a page are written by one executemany of the driver: having
     SQLAlchemy convert every value of every row, one at a time, took a third
-    of a first sync. Only times and the JSON payload need converting; a test
-    holds rows written this way equal to rows written through SQLAlchemy.
+    of a first sync. Only times and the JSON payload need converting. Times
+    take the form SQLAlchemy's own types give them (a test holds them to
+    it); payloads take `payload_json`'s, which their hashes are taken of.
     """
 
     def __init__(self, dialect: str) -> None:
@@ -362,8 +361,7 @@ class _DriverValues:
 
     @staticmethod
     def json(value: Any) -> str:
-        # SQLAlchemy's JSON types serialize with json.dumps and its defaults.
-        return json.dumps(value)
+        return payload_json(value)
 
 
 def _prepare(driver: _DriverValues, task: Listed) -> PreparedTask:
@@ -387,7 +385,7 @@ def _prepare(driver: _DriverValues, task: Listed) -> PreparedTask:
         "group_id": record.group_id,
         "enable": record.enable,
         "remark": record.remark,
-        "raw": driver.json(record.raw),
+        "raw": record.raw_json or driver.json(record.raw),
         "content_hash": record.content_hash,
     }
     return PreparedTask(record.uuid, record.content_hash, record, values)

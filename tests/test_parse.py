@@ -1,3 +1,4 @@
+import json
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
@@ -10,6 +11,7 @@ from etl.parse import (
     RejectedItem,
     clean,
     parse_task,
+    payload_json,
     status_label,
     to_int,
     to_utc,
@@ -236,3 +238,25 @@ def test_times_convert_from_the_configured_zone() -> None:
 def test_to_int_refuses_what_is_not_an_integer(value: object) -> None:
     with pytest.raises(ValueError):
         to_int(value)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"call_notify_url": "http://10.0.0.8/hook"},
+        {"call_notify_url": None},
+        {"nested": {"call_notify_url": "http://10.0.0.8/hook"}},
+        {"tags": [{"call_notify_url": "http://10.0.0.8/hook"}]},
+        {"remark": 'quotes "call_notify_url": inside'},
+    ],
+    ids=["plain", "url", "null-url", "nested-url", "url-in-list", "quoted-key"],
+)
+def test_the_payload_text_is_the_cleaned_item_without_secrets(
+    extra: dict[str, object],
+) -> None:
+    record = parse_task({**CLASSIC, **extra}, ACCOUNT, SHANGHAI)
+    text = record.raw_json or payload_json(record.raw)
+
+    assert json.loads(text) == clean({**CLASSIC, **extra})
+    assert "10.0.0.8" not in text

@@ -9,7 +9,7 @@ from etl import runs, store
 from etl.accounts import Account
 from etl.config import DatabaseConfig
 from etl.models import groups, sync_rejects, task_status_changes, tasks
-from etl.parse import parse_task
+from etl.parse import clean, parse_task
 from etl.store import PageBatch, Reject
 
 ACCOUNT = Account("main-1", "sub-1")
@@ -219,3 +219,47 @@ def test_seen_ids_hold_every_listed_id_and_no_other() -> None:
     assert not any(f"gone-{number}" in seen for number in range(5000))
     assert "任务\ud83d" not in seen
     assert len(seen) == 5001
+
+
+def test_times_are_stored_in_the_form_sqlalchemy_gives_them(engine: Engine) -> None:
+    # Rows go to the driver with their values already converted; SQLite
+    # compares times as text, so every writer must use SQLAlchemy's form.
+    write(engine, [item("t1", alter_datetime="2026-01-05 10:30:00")], T0)
+    checked = [
+        tasks.c.created_at,
+        tasks.c.altered_at,
+        tasks.c.first_seen_at,
+        tasks.c.status_seen_at,
+        task_status_changes.c.observed_at,
+    ]
+    query = select(*checked).join_from(
+        tasks, task_status_changes, task_status_changes.c.task_uuid == tasks.c.uuid
+    )
+    dialect = engine.dialect
+    with engine.connect() as connection:
+        typed = connection.execute(query).one()
+        stored = connection.exec_driver_sql(str(query.compile(dialect=dialect))).one()
+
+    assert typed.first_seen_at == T0
+    assert typed.created_at == datetime(2026, 1, 5, 1, 0, tzinfo=UTC)
+    for column, moment, value in zip(checked, typed, stored, strict=True):
+        process = column.type.dialect_impl(dialect).bind_processor(dialect)
+        assert value == (process(moment) if process else moment), column.name
+
+
+def test_the_payload_is_the_cleaned_item_and_its_hash_is_kept(engine: Engine) -> None:
+    items = [
+        item("plain"),
+        item("url", call_notify_url="http://10.0.0.8/hook"),
+        item("nested", tags=[{"call_notify_url": "http://10.0.0.9/hook"}]),
+        item("nul", remark="a\x00b"),
+    ]
+    write(engine, items, T0)
+
+    with engine.connect() as connection:
+        rows = dict(connection.execute(select(tasks.c.uuid, tasks.c.raw)).all())
+        text = " ".join(str(raw) for raw in rows.values())
+    assert rows == {i["uuid"]: clean(i) for i in items}
+    assert "10.0.0" not in text
+    # Written again unchanged, nothing is rewritten.
+    assert write(engine, items, T0 + timedelta(hours=1)).changed == 0

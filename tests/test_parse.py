@@ -10,6 +10,7 @@ from etl.parse import (
     GroupRecord,
     RejectedItem,
     clean,
+    content_hash,
     parse_task,
     payload_json,
     status_label,
@@ -260,3 +261,23 @@ def test_the_payload_text_is_the_cleaned_item_without_secrets(
 
     assert json.loads(text) == clean({**CLASSIC, **extra})
     assert "10.0.0.8" not in text
+
+
+def test_the_content_hash_of_an_item_never_changes_between_versions() -> None:
+    # Stored hashes decide what a re-sync rewrites: a new form of the same
+    # item would rewrite every task once, as if each had changed.
+    item = {
+        "uuid": "u-1",
+        "name": "活动推广",
+        "status": 2,
+        "maximumcall": 5,
+        "enable": True,
+        "remark": None,
+        "group": {"id": 1, "name": "话术组1"},
+        "call_notify_url": "http://10.0.0.5/cb?key=s",
+    }
+
+    assert content_hash(item) == (
+        "164b963bedb21d56e0ab1687c92602b051f95ffdf0ac26f46bfa9f32ecf07785"
+    )
+    assert parse_task(item, ACCOUNT, SHANGHAI).content_hash == content_hash(item)

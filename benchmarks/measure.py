@@ -147,6 +147,7 @@ class _BareWriter:
             # The same settings task-etl uses on SQLite.
             self.connection.execute("PRAGMA journal_mode = WAL")
             self.connection.execute("PRAGMA synchronous = NORMAL")
+            self.connection.execute("PRAGMA wal_autocheckpoint = 10000")
         else:
             import psycopg
 

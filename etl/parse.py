@@ -279,6 +279,8 @@ def _utf8(text: str) -> tuple[bytes, bool]:
 
 def to_text(value: Any) -> str | None:
     """Ids and names as text; empty strings and nulls both mean no value."""
+    if type(value) is str:  # the usual case first: parsing calls this a lot
+        return value.strip() or None
     if value is None or isinstance(value, dict | list):
         return None
     if isinstance(value, bool):

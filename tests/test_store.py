@@ -138,6 +138,26 @@ def test_removal_and_restore_both_show_in_history(engine: Engine) -> None:
     ]
     assert task_row(engine, "b").removed_at is None
     assert task_row(engine, "a").removed_at is None
+    with engine.connect() as connection:
+        restored = connection.execute(
+            select(task_status_changes).where(task_status_changes.c.event == "restored")
+        ).one()
+    assert restored.old_seen_at == gone_at
+
+
+def test_stored_times_come_back_to_the_microsecond(engine: Engine) -> None:
+    first = T0 + timedelta(microseconds=123456)
+    write(engine, [item("a", 2)], first)
+
+    write(engine, [item("a", 2, name="renamed")], first + timedelta(hours=1))
+    write(engine, [item("a", 1)], first + timedelta(hours=2))
+
+    assert task_row(engine, "a").status_seen_at == first + timedelta(hours=2)
+    with engine.connect() as connection:
+        change = connection.execute(
+            select(task_status_changes).where(task_status_changes.c.event == "changed")
+        ).one()
+    assert change.old_seen_at == first
 
 
 def test_removal_touches_only_the_account_walked(engine: Engine) -> None:

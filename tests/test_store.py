@@ -283,3 +283,24 @@ def test_the_payload_is_the_cleaned_item_and_its_hash_is_kept(engine: Engine) ->
     assert "10.0.0" not in text
     # Written again unchanged, nothing is rewritten.
     assert write(engine, items, T0 + timedelta(hours=1)).changed == 0
+
+
+def test_the_read_of_stored_tasks_is_never_a_prepared_statement(pg_url: str) -> None:
+    # A plan PostgreSQL kept from when the table was nearly empty scanned the
+    # whole table for every later page of a first sync.
+    engine = store.connect(DatabaseConfig(url=pg_url))
+    store.migrate(engine)
+    run_id = runs.start_run(engine, "sync")
+    with store.PageWriter(engine) as writer:
+        for number in range(1, 9):
+            page = batch([item(f"{number}-{i}") for i in range(3)], number=number)
+            writer.write(run_id, page, None)
+        assert writer._connection is not None
+        prepared = writer._connection.exec_driver_sql(
+            "SELECT statement FROM pg_prepared_statements"
+        ).scalars()
+        statements = " ".join(prepared)
+    engine.dispose()
+
+    assert "INSERT INTO tasks" in statements  # psycopg did prepare the writes
+    assert "FROM tasks WHERE uuid IN" not in statements

@@ -20,6 +20,7 @@ import random
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,11 +46,14 @@ _DIGITS = re.compile(r"[0-9]+")
 
 
 class RateLimiter:
-    """A token bucket holding one token, refilled `per_second` times a second.
+    """A token bucket holding one token, refilled `per_second` times a second,
+    that also never lets one second hold more than `per_second` requests.
 
-    A bucket of one allows no burst, so no window of any length ever holds
-    more requests than the rate allows (plus the one in hand). Slots are
-    handed out under a lock and slept for outside it, so threads queue fairly.
+    A bucket of one allows no burst. Spacing alone is not enough when the
+    rate is not whole: at 37.5 a second, 38 requests spaced 1/37.5 s apart
+    fit in 0.99 s, so each request also waits for the one `floor(rate)`
+    requests before it to be a second old. Slots are handed out under a
+    lock and slept for outside it, so threads queue fairly.
     """
 
     def __init__(
@@ -66,11 +70,15 @@ class RateLimiter:
         self._sleep = sleep
         self._lock = threading.Lock()
         self._next_slot = -math.inf
+        self._recent: deque[float] = deque(maxlen=max(1, math.floor(per_second)))
 
     def acquire(self) -> None:
         with self._lock:
             now = self._clock()
             slot = max(now, self._next_slot)
+            if len(self._recent) == self._recent.maxlen:
+                slot = max(slot, self._recent[0] + 1.0)
+            self._recent.append(slot)
             self._next_slot = slot + self._interval
         if slot > now:
             self._sleep(slot - now)

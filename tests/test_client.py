@@ -708,8 +708,14 @@ class FakeTime:
 
 @pytest.mark.parametrize(
     ("rate", "pauses"),
-    [(5.0, [0.0] * 40), (3.0, [0.0, 2.5, 0.0, 0.1] * 10), (0.5, [0.0, 1.0] * 5)],
-    ids=["back-to-back", "bursty", "slow"],
+    [
+        (5.0, [0.0] * 40),
+        (3.0, [0.0, 2.5, 0.0, 0.1] * 10),
+        (0.5, [0.0, 1.0] * 5),
+        (37.5, [0.0] * 200),
+        (2.5, [0.0, 0.0, 0.3] * 20),
+    ],
+    ids=["back-to-back", "bursty", "slow", "not-whole", "not-whole-bursty"],
 )
 def test_rate_limiter_never_exceeds_its_rate(rate, pauses):
     fake = FakeTime()

@@ -202,6 +202,23 @@ def test_group_name_follows_the_platform(engine: Engine) -> None:
     assert [tuple(r) for r in rows] == [("1", "新名字")]
 
 
+def test_one_writer_follows_a_group_renamed_between_its_pages(
+    engine: Engine,
+) -> None:
+    run_id = runs.start_run(engine, "sync")
+    names = ["话术组1", "新名字", "话术组1"]
+    stored = []
+    with store.PageWriter(engine) as writer:
+        for number, name in enumerate(names, start=1):
+            group = {"id": 1, "name": name}
+            page = [item(f"{number}-{i}", group=group) for i in range(2)]
+            writer.write(run_id, batch(page, number=number), None)
+            with engine.connect() as connection:
+                stored.append(connection.execute(select(groups.c.name)).scalar())
+
+    assert stored == names
+
+
 def test_rejects_are_stored_with_the_page(engine: Engine) -> None:
     run_id = runs.start_run(engine, "sync")
     page = PageBatch(

@@ -45,6 +45,11 @@ _URL = re.compile(r"[a-z][a-z0-9+.-]*://\S*", re.IGNORECASE)
 _DIGITS = re.compile(r"[0-9]+")
 
 
+# How late after its slot a request may leave: threads waiting for Python's
+# lock can be held a few milliseconds.
+SEND_LAG = 0.05
+
+
 class RateLimiter:
     """A token bucket holding one token, refilled `per_second` times a second,
     that also never lets one second hold more than `per_second` requests.
@@ -52,8 +57,10 @@ class RateLimiter:
     A bucket of one allows no burst. Spacing alone is not enough when the
     rate is not whole: at 37.5 a second, 38 requests spaced 1/37.5 s apart
     fit in 0.99 s, so each request also waits for the one `floor(rate)`
-    requests before it to be a second old. Slots are handed out under a
-    lock and slept for outside it, so threads queue fairly.
+    requests before it to be a second old, and a little more: a thread can
+    send a few milliseconds after its slot, and the next one right on time.
+    Slots are handed out under a lock and slept for outside it, so threads
+    queue fairly.
     """
 
     def __init__(
@@ -77,7 +84,7 @@ class RateLimiter:
             now = self._clock()
             slot = max(now, self._next_slot)
             if len(self._recent) == self._recent.maxlen:
-                slot = max(slot, self._recent[0] + 1.0)
+                slot = max(slot, self._recent[0] + 1.0 + SEND_LAG)
             self._recent.append(slot)
             self._next_slot = slot + self._interval
         if slot > now:

@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from etl.accounts import Account
-from etl.client import Client, RateLimiter
+from etl.client import SEND_LAG, Client, RateLimiter
 from etl.config import ApiConfig
 from etl.errors import FatalApiError, PageLimitError, RetryableApiError
 
@@ -761,7 +761,9 @@ def test_every_request_goes_through_the_limiter(platform):
         get(client)
         get(client)
 
-    assert fake.now == pytest.approx(100.0 + 2 * 0.5)
+    # Three requests at 2 a second: the third waits for the first to be a
+    # second (and the send lag) old.
+    assert fake.now == pytest.approx(100.0 + 1.0 + SEND_LAG)
 
 
 # Logs

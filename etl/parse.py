@@ -202,10 +202,17 @@ def clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {
-            clean(key): (REDACTED if key in SENSITIVE_KEYS and item else clean(item))
-            for key, item in value.items()
-        }
+        cleaned: dict[Any, Any] = {}
+        for key, item in value.items():
+            name = clean(key)
+            # Judged by the cleaned key, which is the one stored: a NUL makes
+            # "call_notify_url\u0000" that very key. A value of another key
+            # cleaned into it never replaces the redaction.
+            if name in SENSITIVE_KEYS and (item or cleaned.get(name) == REDACTED):
+                cleaned[name] = REDACTED
+            else:
+                cleaned[name] = clean(item)
+        return cleaned
     if isinstance(value, list):
         return [clean(item) for item in value]
     return value

@@ -250,8 +250,23 @@ def test_to_int_refuses_what_is_not_an_integer(value: object) -> None:
         {"nested": {"call_notify_url": "http://10.0.0.8/hook"}},
         {"tags": [{"call_notify_url": "http://10.0.0.8/hook"}]},
         {"remark": 'quotes "call_notify_url": inside'},
+        {"call_notify_url\x00": "http://10.0.0.8/hook"},
+        {"x": {"call_\x00notify_url": "http://10.0.0.8/hook"}},
+        {"call_notify_url": "http://a/1", "call_notify_url\x00": "http://10.0.0.8/h"},
+        {"call_notify_url\x00": "http://10.0.0.8/h", "call_notify_url": None},
     ],
-    ids=["plain", "url", "null-url", "nested-url", "url-in-list", "quoted-key"],
+    ids=[
+        "plain",
+        "url",
+        "null-url",
+        "nested-url",
+        "url-in-list",
+        "quoted-key",
+        "key-with-nul",
+        "nested-key-with-nul",
+        "key-cleaned-into-another",
+        "null-after-a-key-cleaned-into-it",
+    ],
 )
 def test_the_payload_text_is_the_cleaned_item_without_secrets(
     extra: dict[str, object],
@@ -261,6 +276,7 @@ def test_the_payload_text_is_the_cleaned_item_without_secrets(
 
     assert json.loads(text) == clean({**CLASSIC, **extra})
     assert "10.0.0.8" not in text
+    assert "10.0.0.8" not in json.dumps(clean({**CLASSIC, **extra}))
 
 
 def test_the_content_hash_of_an_item_never_changes_between_versions() -> None:

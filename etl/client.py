@@ -45,8 +45,8 @@ _URL = re.compile(r"[a-z][a-z0-9+.-]*://\S*", re.IGNORECASE)
 _DIGITS = re.compile(r"[0-9]+")
 
 
-# How late after its slot a request may leave: threads waiting for Python's
-# lock can be held a few milliseconds.
+# How long after leaving the limiter a request may reach the server: a
+# thread waiting for Python's lock can be held a few milliseconds.
 SEND_LAG = 0.05
 
 
@@ -54,11 +54,11 @@ class RateLimiter:
     """A token bucket holding one token, refilled `per_second` times a second,
     that also never lets one second hold more than `per_second` requests.
 
-    A bucket of one allows no burst. Spacing alone is not enough when the
-    rate is not whole: at 37.5 a second, 38 requests spaced 1/37.5 s apart
-    fit in 0.99 s, so each request also waits for the one `floor(rate)`
-    requests before it to be a second old, and a little more: a thread can
-    send a few milliseconds after its slot, and the next one right on time.
+    A bucket of one allows no burst. Spacing alone is not enough: at 37.5 a
+    second, 38 requests spaced 1/37.5 s apart fit in 0.99 s, and a thread
+    that wakes late from its slot leaves close to the next one. So a request
+    also waits until the one `floor(rate)` requests before it left a second
+    ago (and `SEND_LAG` more), counting the moments requests really left.
     Slots are handed out under a lock and slept for outside it, so threads
     queue fairly.
     """
@@ -77,18 +77,28 @@ class RateLimiter:
         self._sleep = sleep
         self._lock = threading.Lock()
         self._next_slot = -math.inf
-        self._recent: deque[float] = deque(maxlen=max(1, math.floor(per_second)))
+        self._left: deque[float] = deque(maxlen=max(1, math.floor(per_second)))
 
     def acquire(self) -> None:
         with self._lock:
             now = self._clock()
             slot = max(now, self._next_slot)
-            if len(self._recent) == self._recent.maxlen:
-                slot = max(slot, self._recent[0] + 1.0 + SEND_LAG)
-            self._recent.append(slot)
             self._next_slot = slot + self._interval
         if slot > now:
             self._sleep(slot - now)
+        while (wait := self._leave()) > 0:
+            self._sleep(wait)
+
+    def _leave(self) -> float:
+        """Record this request as leaving now, or say how long to wait."""
+        with self._lock:
+            now = self._clock()
+            if len(self._left) == self._left.maxlen:
+                wait = self._left[0] + 1.0 + SEND_LAG - now
+                if wait > 0:
+                    return wait
+            self._left.append(now)
+            return 0.0
 
 
 @dataclass(frozen=True)

@@ -734,6 +734,27 @@ def test_rate_limiter_never_exceeds_its_rate(rate, pauses):
         assert len(inside) <= max(1, rate)
 
 
+def test_rate_limiter_counts_a_thread_that_woke_late_when_it_left():
+    # A thread held after its slot (here 90 ms) must not let the requests
+    # after it crowd into the second that follows its real departure.
+    fake = FakeTime()
+    sleeps = 0
+
+    def late_sleep(seconds: float) -> None:
+        nonlocal sleeps
+        sleeps += 1
+        fake.sleep(seconds + (0.09 if sleeps == 3 else 0.0))
+
+    limiter = RateLimiter(5.0, clock=fake.clock, sleep=late_sleep)
+    stamps = []
+    for _ in range(20):
+        limiter.acquire()
+        stamps.append(fake.now)
+
+    for start in stamps:
+        assert len([s for s in stamps if start <= s < start + 1.0]) <= 5
+
+
 def test_rate_limiter_holds_threads_to_the_rate():
     limiter = RateLimiter(100.0)
     started = time.monotonic()

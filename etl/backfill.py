@@ -23,7 +23,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, select
 
-from etl import archive, runs, store
+from etl import archive, rollup, runs, store
 from etl.accounts import Account
 from etl.archive import ArchivedPage, ArchivedWalk
 from etl.client import Client
@@ -156,7 +156,10 @@ def replay_archive(
         select_accounts({w.account for w in walks}, selectors, "account in the archive")
     )
     walks = [walk for walk in walks if walk.account in chosen]
-    return _Replay(config, engine, progress, stop).execute(walks)
+    summary = _Replay(config, engine, progress, stop).execute(walks)
+    # Like every run: the daily counts include what the replay stored.
+    rollup.refresh_after_run(engine, config.api.zone)
+    return summary
 
 
 @dataclass

@@ -17,6 +17,7 @@ from etl.config import ApiConfig, ArchiveConfig, Config, DatabaseConfig, MainAcc
 from etl.errors import ArchiveError, ConfigError
 from etl.models import (
     accounts,
+    daily_status_rollup,
     groups,
     sync_rejects,
     sync_runs,
@@ -120,6 +121,10 @@ def snapshot(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
             sync_rejects.c.reason,
             sync_rejects.c.rejected_at,
         ).order_by(sync_rejects.c.rejected_at, sync_rejects.c.reason),
+        # Brought up to date by a replay as by every live run.
+        "daily counts": select(
+            *[c for c in daily_status_rollup.c if c.name != "id"]
+        ).order_by(*[c for c in daily_status_rollup.c if c.name != "id"]),
     }
     with engine.connect() as connection:
         return {

@@ -12,13 +12,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
+from typing import Any
 from unittest.mock import patch
 
 import pytest
 from sqlalchemy import Engine
 
 from etl import store
-from etl.config import ApiConfig, Config, DatabaseConfig, MainAccount
+from etl.config import (
+    ApiConfig,
+    ArchiveConfig,
+    Config,
+    DatabaseConfig,
+    LocksConfig,
+    MainAccount,
+)
 from etl.simulator import SimServer, Simulator
 from etl.sync import RunSummary, run_sync
 
@@ -71,20 +79,28 @@ def make_simulator(start: datetime, seed: int = 3) -> Simulator:
     )
 
 
-def sync_config(server: SimServer, simulator: Simulator, db_url: str) -> Config:
+def sync_config(
+    server: SimServer,
+    simulator: Simulator,
+    db_url: str = "sqlite://",
+    *,
+    archive: ArchiveConfig | None = None,
+    locks: LocksConfig | None = None,
+    **api: Any,
+) -> Config:
+    """Every main account of the simulator with its sub-accounts, synced
+    from `server` at a rate that never slows a test; `api` overrides."""
     mains = tuple(
         MainAccount(user_id=user_id, discover_sub_accounts=True)
         for user_id in simulator.main_user_ids()
     )
+    settings = {"page_size": 5, "requests_per_second": 1000.0, **api}
     return Config(
         database=DatabaseConfig(url=db_url),
-        api=ApiConfig(
-            base_url=server.url,
-            token=simulator.token,
-            page_size=5,
-            requests_per_second=1000.0,
-        ),
+        api=ApiConfig(base_url=server.url, token=simulator.token, **settings),
         accounts=mains,
+        archive=archive,
+        locks=locks or LocksConfig(),
     )
 
 

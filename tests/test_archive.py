@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 import requests
 from sqlalchemy import Engine, func, select
+from synced import sync_config
 
 from etl import archive, store
 from etl.accounts import Account
 from etl.archive import WalkRecorder, read_archive
 from etl.client import Page
-from etl.config import ApiConfig, ArchiveConfig, Config, DatabaseConfig, MainAccount
+from etl.config import ArchiveConfig, Config, DatabaseConfig
 from etl.errors import ArchiveError
 from etl.models import accounts, tasks
 from etl.simulator import SimServer, Simulator
@@ -41,21 +42,8 @@ def engine(sqlite_url: str) -> Iterator[Engine]:
 
 
 def make_config(server: SimServer, simulator: Simulator, archive_dir: Path) -> Config:
-    mains = tuple(
-        MainAccount(user_id=user_id, discover_sub_accounts=True)
-        for user_id in simulator.main_user_ids()
-    )
-    return Config(
-        database=DatabaseConfig(url="sqlite://"),
-        api=ApiConfig(
-            base_url=server.url,
-            token=simulator.token,
-            page_size=4,
-            requests_per_second=1000.0,
-        ),
-        accounts=mains,
-        archive=ArchiveConfig(dir=str(archive_dir)),
-    )
+    archive = ArchiveConfig(dir=str(archive_dir))
+    return sync_config(server, simulator, archive=archive, page_size=4)
 
 
 def page_files(root: Path) -> list[Path]:

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import Engine, func, select
+from synced import sync_config
 
 from etl import store
 from etl.accounts import Account
@@ -52,21 +53,8 @@ def engine(db_url: str) -> Iterator[Engine]:
 def make_config(
     server: SimServer, simulator: Simulator, archive_dir: Path | None = None
 ) -> Config:
-    mains = tuple(
-        MainAccount(user_id=user_id, discover_sub_accounts=True)
-        for user_id in simulator.main_user_ids()
-    )
-    return Config(
-        database=DatabaseConfig(url="sqlite://"),
-        api=ApiConfig(
-            base_url=server.url,
-            token=simulator.token,
-            page_size=3,
-            requests_per_second=1000.0,
-        ),
-        accounts=mains,
-        archive=ArchiveConfig(dir=str(archive_dir)) if archive_dir else None,
-    )
+    archive = ArchiveConfig(dir=str(archive_dir)) if archive_dir else None
+    return sync_config(server, simulator, archive=archive, page_size=3)
 
 
 def stored_owners(engine: Engine) -> set[tuple[str, str]]:

@@ -14,15 +14,14 @@ import pytest
 from alembic import command
 from sqlalchemy import Engine, insert, text
 from sqlalchemy import select as select_rows
+from synced import sync_config
 
 from etl import locks, runs, store
 from etl.accounts import Account
 from etl.config import (
-    ApiConfig,
     Config,
     DatabaseConfig,
     LocksConfig,
-    MainAccount,
 )
 from etl.errors import LockBusyError, LockLostError
 from etl.models import account_locks, sync_run_accounts, sync_runs, tasks
@@ -53,20 +52,8 @@ def simulator() -> Simulator:
 
 
 def make_config(server: SimServer, simulator: Simulator, **locks: Any) -> Config:
-    return Config(
-        database=DatabaseConfig(),
-        api=ApiConfig(
-            base_url=server.url,
-            token=simulator.token,
-            page_size=3,
-            requests_per_second=1000.0,
-        ),
-        accounts=tuple(
-            MainAccount(user_id=user_id, discover_sub_accounts=True)
-            for user_id in simulator.main_user_ids()
-        ),
-        locks=LocksConfig(**locks),
-    )
+    url = DatabaseConfig().url
+    return sync_config(server, simulator, url, locks=LocksConfig(**locks), page_size=3)
 
 
 def start_holder(url: str) -> subprocess.Popen[str]:

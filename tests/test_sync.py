@@ -3,9 +3,10 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select
+from synced import sync_config
 
 from etl import store
-from etl.config import ApiConfig, Config, DatabaseConfig, Endpoints, MainAccount
+from etl.config import Config, DatabaseConfig, Endpoints, MainAccount
 from etl.models import accounts, sync_runs, task_status_changes, tasks
 from etl.simulator import SimServer, Simulator
 from etl.sync import Filters, run_sync
@@ -14,21 +15,6 @@ from etl.sync import Filters, run_sync
 @pytest.fixture
 def simulator() -> Simulator:
     return Simulator(seed=11, main_accounts=2, sub_accounts=2, tasks_per_account=12)
-
-
-def make_config(
-    server: SimServer, simulator: Simulator, db_url: str = "sqlite://", **api: Any
-) -> Config:
-    mains = tuple(
-        MainAccount(user_id=user_id, discover_sub_accounts=True)
-        for user_id in simulator.main_user_ids()
-    )
-    settings = {"page_size": 5, "requests_per_second": 1000.0, **api}
-    return Config(
-        database=DatabaseConfig(url=db_url),
-        api=ApiConfig(base_url=server.url, token=simulator.token, **settings),
-        accounts=mains,
-    )
 
 
 def listed(engine: Engine) -> dict[str, int | None]:
@@ -55,7 +41,7 @@ def count(engine: Engine, table: Any) -> int:
 def test_sync_stores_every_task_of_every_account(
     simulator: Simulator, server: SimServer, engine: Engine
 ) -> None:
-    summary = run_sync(make_config(server, simulator), engine=engine)
+    summary = run_sync(sync_config(server, simulator), engine=engine)
 
     assert summary.outcome == "succeeded"
     assert summary.accounts == len(simulator.accounts())
@@ -68,7 +54,7 @@ def test_sync_stores_every_task_of_every_account(
 def test_second_sync_of_an_unchanged_source_writes_nothing(
     simulator: Simulator, server: SimServer, engine: Engine
 ) -> None:
-    config = make_config(server, simulator)
+    config = sync_config(server, simulator)
     run_sync(config, engine=engine)
     history = count(engine, task_status_changes)
 
@@ -83,7 +69,7 @@ def test_second_sync_of_an_unchanged_source_writes_nothing(
 def test_changes_removals_and_new_tasks_follow_the_platform(
     simulator: Simulator, server: SimServer, engine: Engine
 ) -> None:
-    config = make_config(server, simulator)
+    config = sync_config(server, simulator)
     run_sync(config, engine=engine)
     before = truth(simulator)
 
@@ -111,7 +97,7 @@ def test_removals_are_logged_once_per_account_not_once_per_task(
     engine: Engine,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    config = make_config(server, simulator)
+    config = sync_config(server, simulator)
     run_sync(config, engine=engine)
     gone = [task for task in simulator.tasks() if not task.sub_user_id][:3]
     for task in gone:
@@ -136,7 +122,7 @@ def test_removals_are_logged_once_per_account_not_once_per_task(
 def test_a_task_that_comes_back_is_restored(
     simulator: Simulator, server: SimServer, engine: Engine
 ) -> None:
-    config = make_config(server, simulator)
+    config = sync_config(server, simulator)
     run_sync(config, engine=engine)
     uuid = simulator.tasks()[0].uuid
 
@@ -160,9 +146,9 @@ def test_a_task_that_comes_back_is_restored(
 def test_failed_account_does_not_stop_the_others_or_remove_anything(
     simulator: Simulator, server: SimServer, engine: Engine
 ) -> None:
-    run_sync(make_config(server, simulator), engine=engine)
+    run_sync(sync_config(server, simulator), engine=engine)
     first, second = simulator.main_user_ids()
-    bad = make_config(server, simulator)
+    bad = sync_config(server, simulator)
     bad = Config(
         database=bad.database,
         api=bad.api,
@@ -208,7 +194,7 @@ def test_failed_discovery_walks_the_sub_accounts_earlier_runs_found(
     engine: Engine,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    run_sync(make_config(server, simulator), engine=engine)
+    run_sync(sync_config(server, simulator), engine=engine)
     before = truth(simulator)
     simulator.advance(6 * 3600)
     subs = {t.uuid for t in simulator.tasks() if t.sub_user_id}
@@ -217,7 +203,7 @@ def test_failed_discovery_walks_the_sub_accounts_earlier_runs_found(
 
     with caplog.at_level(logging.WARNING, logger="etl.sync"):
         summary = run_sync(
-            make_config(server, simulator, endpoints=UNSERVED), engine=engine
+            sync_config(server, simulator, endpoints=UNSERVED), engine=engine
         )
 
     assert (summary.outcome, summary.exit_code) == ("partial", 3)
@@ -254,7 +240,7 @@ def test_failed_discovery_shows_on_the_sub_accounts_without_a_main_walk(
     simulator: Simulator, server: SimServer, engine: Engine
 ) -> None:
     first = simulator.main_user_ids()[0]
-    config = make_config(server, simulator)
+    config = sync_config(server, simulator)
     config = Config(
         database=config.database,
         api=config.api,
@@ -267,7 +253,7 @@ def test_failed_discovery_shows_on_the_sub_accounts_without_a_main_walk(
     run_sync(config, engine=engine)
     broken = Config(
         database=config.database,
-        api=make_config(server, simulator, endpoints=UNSERVED).api,
+        api=sync_config(server, simulator, endpoints=UNSERVED).api,
         accounts=config.accounts,
     )
 
@@ -289,7 +275,7 @@ def test_failed_discovery_shows_on_the_sub_accounts_without_a_main_walk(
 def test_filtered_walk_never_marks_removals(
     simulator: Simulator, server: SimServer, engine: Engine
 ) -> None:
-    config = make_config(server, simulator)
+    config = sync_config(server, simulator)
     run_sync(config, engine=engine)
 
     summary = run_sync(config, engine=engine, filters=Filters(statuses=(1,)))
@@ -302,7 +288,7 @@ def test_filtered_walk_never_marks_removals(
 def test_every_run_is_recorded_with_its_counts(
     simulator: Simulator, server: SimServer, engine: Engine
 ) -> None:
-    summary = run_sync(make_config(server, simulator), engine=engine)
+    summary = run_sync(sync_config(server, simulator), engine=engine)
 
     with engine.connect() as connection:
         run = connection.execute(select(sync_runs)).one()
@@ -318,7 +304,7 @@ def test_sqlite_and_postgresql_hold_the_same_rows(
     for url in (sqlite_url, pg_url):
         engine = store.connect(DatabaseConfig(url=url))
         store.migrate(engine)
-        run_sync(make_config(server, simulator), engine=engine)
+        run_sync(sync_config(server, simulator), engine=engine)
         columns = [c for c in tasks.c if not c.name.endswith("_seen_at")]
         columns = [c for c in columns if c.name != "last_changed_at"]
         with engine.connect() as connection:

@@ -16,7 +16,7 @@ from typing import Any
 from unittest.mock import patch
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from etl import store
 from etl.config import (
@@ -27,6 +27,7 @@ from etl.config import (
     LocksConfig,
     MainAccount,
 )
+from etl.models import task_status_changes
 from etl.simulator import SimServer, Simulator
 from etl.sync import RunSummary, run_sync
 
@@ -77,6 +78,21 @@ def make_simulator(start: datetime, seed: int = 3) -> Simulator:
         # Removals are made by hand below, so that they are known.
         removal_rate=0.0,
     )
+
+
+def history(engine: Engine, uuid: str) -> list[tuple[Any, ...]]:
+    """The task's history: (event, old status, new status), oldest first."""
+    query = (
+        select(
+            task_status_changes.c.event,
+            task_status_changes.c.old_status,
+            task_status_changes.c.new_status,
+        )
+        .where(task_status_changes.c.task_uuid == uuid)
+        .order_by(task_status_changes.c.id)
+    )
+    with engine.connect() as connection:
+        return [tuple(row) for row in connection.execute(query)]
 
 
 def sync_config(

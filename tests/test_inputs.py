@@ -28,6 +28,7 @@ from scripted import (
     tasks,
 )
 from sqlalchemy import Engine, select, text
+from synced import history
 
 from etl import store
 from etl.cli import main
@@ -35,7 +36,7 @@ from etl.client import Client, RateLimiter
 from etl.config import ApiConfig, Config, DatabaseConfig, MainAccount
 from etl.errors import StoreError
 from etl.faults import Faults
-from etl.models import accounts, sync_rejects, sync_runs, task_status_changes
+from etl.models import accounts, sync_rejects, sync_runs
 from etl.models import tasks as tasks_table
 from etl.parse import status_label
 from etl.simulator import Simulator
@@ -96,20 +97,6 @@ def stored(engine: Engine) -> dict[str, Any]:
 
 def listed(engine: Engine) -> set[str]:
     return {uuid for uuid, row in stored(engine).items() if row.removed_at is None}
-
-
-def history(engine: Engine, uuid: str) -> list[tuple[Any, ...]]:
-    query = (
-        select(
-            task_status_changes.c.event,
-            task_status_changes.c.old_status,
-            task_status_changes.c.new_status,
-        )
-        .where(task_status_changes.c.task_uuid == uuid)
-        .order_by(task_status_changes.c.id)
-    )
-    with engine.connect() as connection:
-        return [tuple(row) for row in connection.execute(query)]
 
 
 def run_row(engine: Engine, run_id: int) -> Any:

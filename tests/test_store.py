@@ -4,6 +4,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import Engine, select
+from synced import history
 
 from etl import runs, store
 from etl.accounts import Account
@@ -44,18 +45,11 @@ def write(engine: Engine, items: list[dict[str, Any]], at: datetime = T0) -> Any
     return store.write_page(engine, run_id, batch(items, at), None)
 
 
-def history(engine: Engine, uuid: str) -> list[tuple[Any, ...]]:
-    query = (
-        select(
-            task_status_changes.c.event,
-            task_status_changes.c.old_status,
-            task_status_changes.c.new_status,
-        )
-        .where(task_status_changes.c.task_uuid == uuid)
-        .order_by(task_status_changes.c.id)
-    )
+def only_event(engine: Engine, event: str) -> Any:
+    """The one history row of this event."""
+    query = select(task_status_changes).where(task_status_changes.c.event == event)
     with engine.connect() as connection:
-        return [tuple(row) for row in connection.execute(query)]
+        return connection.execute(query).one()
 
 
 def task_row(engine: Engine, uuid: str) -> Any:
@@ -93,10 +87,7 @@ def test_status_change_records_old_and_new_and_when_old_was_seen(
 
     assert (counts.changed, counts.status_changes) == (1, 1)
     assert history(engine, "a") == [("first_seen", None, 2), ("changed", 2, 1)]
-    with engine.connect() as connection:
-        change = connection.execute(
-            select(task_status_changes).where(task_status_changes.c.event == "changed")
-        ).one()
+    change = only_event(engine, "changed")
     assert (change.old_seen_at, change.observed_at) == (T0, later)
     assert task_row(engine, "a").status_seen_at == later
 
@@ -138,10 +129,7 @@ def test_removal_and_restore_both_show_in_history(engine: Engine) -> None:
     ]
     assert task_row(engine, "b").removed_at is None
     assert task_row(engine, "a").removed_at is None
-    with engine.connect() as connection:
-        restored = connection.execute(
-            select(task_status_changes).where(task_status_changes.c.event == "restored")
-        ).one()
+    restored = only_event(engine, "restored")
     assert restored.old_seen_at == gone_at
 
 
@@ -153,10 +141,7 @@ def test_stored_times_come_back_to_the_microsecond(engine: Engine) -> None:
     write(engine, [item("a", 1)], first + timedelta(hours=2))
 
     assert task_row(engine, "a").status_seen_at == first + timedelta(hours=2)
-    with engine.connect() as connection:
-        change = connection.execute(
-            select(task_status_changes).where(task_status_changes.c.event == "changed")
-        ).one()
+    change = only_event(engine, "changed")
     assert change.old_seen_at == first
 
 

@@ -48,20 +48,8 @@ log = logging.getLogger(__name__)
 SQLITE_MAX_VARIABLES = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
 POSTGRESQL_MAX_VARIABLES = 65535
 
-# A row of _STORED; SQLAlchemy's Row generics add nothing readable here.
-StoredRow = Any
-
 # Rows fetched at a time when a query may return a whole account's tasks.
 STREAMED_ROWS = 2000
-
-_STORED = (
-    tasks.c.uuid,
-    tasks.c.status,
-    tasks.c.status_str,
-    tasks.c.content_hash,
-    tasks.c.removed_at,
-    tasks.c.status_seen_at,
-)
 
 
 @dataclass(frozen=True)
@@ -265,36 +253,66 @@ def _deduplicate(listed: Iterable[Listed]) -> list[Listed]:
 
 def _read_stored(
     connection: Connection, listed: list[Listed]
-) -> tuple[dict[str, StoredRow], set[str]]:
+) -> tuple[dict[str, _Stored], set[str]]:
     """The stored rows of the listed tasks that may have changed, and the
-    uuids of those that did not.
+    uuids of those that did not; only the rows that differ get their times
+    converted."""
+    listed_hashes = {task.uuid: task.content_hash for task in listed}
+    unchanged: set[str] = set()
+    stored: dict[str, _Stored] = {}
+    driver = _DriverValues(connection.dialect.name)
+    for row in _stored_rows(connection, list(listed_hashes)):
+        uuid, _, content_hash, removed_at, _, _ = row
+        if removed_at is None and content_hash == listed_hashes[uuid]:
+            unchanged.add(uuid)
+        else:
+            stored[uuid] = _Stored.read(driver, row)
+    return stored, unchanged
+
+
+class _Stored(NamedTuple):
+    """What planning a page or a removal needs of a stored task."""
+
+    uuid: str
+    status: int | None
+    content_hash: str
+    removed_at: datetime | None
+    status_str: str | None
+    status_seen_at: datetime | None
+
+    @classmethod
+    def read(cls, driver: _DriverValues, row: tuple[Any, ...]) -> _Stored:
+        """From a row of `_stored_rows`, its times converted."""
+        uuid, status, content_hash, removed_at, status_str, seen_at = row
+        return cls(
+            uuid,
+            status,
+            content_hash,
+            driver.read_time(removed_at),
+            status_str,
+            driver.read_time(seen_at),
+        )
+
+
+def _stored_rows(connection: Connection, uuids: list[str]) -> Iterator[Any]:
+    """The stored tasks of these uuids, as the driver reads them.
 
     Read by the driver, one statement per page: through SQLAlchemy, whose
     overhead per statement and per value suits few large queries, this read
-    was half the writer's time in a re-sync. Only the rows that differ get
-    their times converted.
+    was half the writer's time in a re-sync.
     """
-    listed_hashes = {task.uuid: task.content_hash for task in listed}
-    unchanged: set[str] = set()
-    stored: dict[str, StoredRow] = {}
-    driver = _DriverValues(connection.dialect.name)
-    per_statement = _rows_per_statement(connection, 1)
-    for chunk in _chunks(list(listed_hashes), per_statement):
+    for chunk in _chunks(uuids, _rows_per_statement(connection, 1)):
         sql = _stored_rows_sql(connection.dialect.paramstyle, len(chunk))
-        for row in _read_unprepared(connection, sql, tuple(chunk)):
-            uuid, content_hash, removed_at, status, status_str, seen_at = row
-            if removed_at is None and content_hash == listed_hashes[uuid]:
-                unchanged.add(uuid)
-            else:
-                stored[uuid] = _Stored(
-                    uuid,
-                    status,
-                    status_str,
-                    content_hash,
-                    driver.read_time(removed_at),
-                    driver.read_time(seen_at),
-                )
-    return stored, unchanged
+        yield from _read_unprepared(connection, sql, tuple(chunk))
+
+
+@functools.lru_cache(maxsize=64)
+def _stored_rows_sql(paramstyle: str, count: int) -> str:
+    marker = "?" if paramstyle == "qmark" else "%s"
+    return (
+        "SELECT uuid, status, content_hash, removed_at, status_str, status_seen_at"
+        f" FROM tasks WHERE uuid IN ({', '.join([marker] * count)})"
+    )
 
 
 def _read_unprepared(
@@ -315,39 +333,11 @@ def _read_unprepared(
         return list(cursor.fetchall())
 
 
-class _Stored(NamedTuple):
-    """What planning a page needs of a stored task; the columns of _STORED."""
-
-    uuid: str
-    status: int | None
-    status_str: str | None
-    content_hash: str
-    removed_at: datetime | None
-    status_seen_at: datetime | None
-
-
-@functools.lru_cache(maxsize=64)
-def _stored_rows_sql(paramstyle: str, count: int) -> str:
-    marker = "?" if paramstyle == "qmark" else "%s"
-    return (
-        "SELECT uuid, content_hash, removed_at, status, status_str, status_seen_at"
-        f" FROM tasks WHERE uuid IN ({', '.join([marker] * count)})"
-    )
-
-
-def _read_rows(connection: Connection, uuids: list[str]) -> list[StoredRow]:
-    rows: list[StoredRow] = []
-    for chunk in _chunks(uuids, _rows_per_statement(connection, 1)):
-        query = select(*_STORED).where(tasks.c.uuid.in_(chunk))
-        rows.extend(connection.execute(query))
-    return rows
-
-
 def _plan(
     run_id: int,
     batch: PageBatch,
     listed: list[Listed],
-    stored: tuple[dict[str, StoredRow], set[str]],
+    stored: tuple[dict[str, _Stored], set[str]],
     previous_complete: datetime | None,
     driver: _DriverValues,
 ) -> _Plan:
@@ -472,7 +462,7 @@ def _change(
     run_id: int,
     record: TaskRecord,
     event_name: str,
-    old: StoredRow | None,
+    old: _Stored | None,
     observed_at: Any,
     old_seen_at: Any = None,
 ) -> dict[str, Any]:
@@ -709,14 +699,15 @@ def mark_removals(
                 execution_options={"yield_per": STREAMED_ROWS},
             )
             gone_ids = [uuid for uuid in listed.scalars() if uuid not in seen]
-            gone = _read_rows(connection, gone_ids)
+            driver = _DriverValues(connection.dialect.name)
+            rows = _stored_rows(connection, gone_ids)
+            gone = [_Stored.read(driver, row) for row in rows]
             for chunk in _chunks(gone, _rows_per_statement(connection, 1)):
                 connection.execute(
                     update(tasks)
                     .where(tasks.c.uuid.in_([row.uuid for row in chunk]))
                     .values(removed_at=observed_at, last_changed_at=observed_at)
                 )
-            driver = _DriverValues(connection.dialect.name)
             _execute_many(
                 connection,
                 _change_insert,
@@ -745,7 +736,7 @@ def mark_removals(
 def _removal(
     driver: _DriverValues,
     run_id: int,
-    row: StoredRow,
+    row: _Stored,
     observed_at: datetime,
     previous_complete: datetime | None,
 ) -> dict[str, Any]:

@@ -562,8 +562,48 @@ def _execute_many(
     rows hold `_DriverValues`."""
     if not rows:
         return
-    sql = _driver_sql(connection.dialect, build, tuple(rows[0]))
+    columns = tuple(rows[0])
+    if connection.dialect.name == "sqlite":
+        _execute_as_values(connection, build, columns, rows)
+        return
+    sql = _driver_sql(connection.dialect, build, columns)
     connection.exec_driver_sql(sql, rows)
+
+
+def _execute_as_values(
+    connection: Connection,
+    build: Callable[[str], Any],
+    columns: tuple[str, ...],
+    rows: list[dict[str, Any]],
+) -> None:
+    """The rows as one statement of many VALUES rows (or a few, past
+    SQLite's limit of bound values).
+
+    SQLite's driver gives up Python's lock for every row of an executemany,
+    and while the fetching threads parsed, the writer waited to get it back
+    each time: it spent half its time waiting. One statement waits once.
+    """
+    largest = SQLITE_MAX_VARIABLES // len(columns)
+    for chunk in _chunks(rows, largest):
+        sql, order = _values_sql(connection.dialect, build, columns, len(chunk))
+        values = tuple([row[name] for row in chunk for name in order])
+        connection.exec_driver_sql(sql, values)
+
+
+# Pages give a few row counts: full ones, and the few rows a re-sync writes.
+@functools.lru_cache(maxsize=256)
+def _values_sql(
+    dialect: Dialect, build: Callable[[str], Any], columns: tuple[str, ...], count: int
+) -> tuple[str, tuple[str, ...]]:
+    """The statement for `count` rows, and the order of a row's values in it."""
+    compiled = build(dialect.name).compile(
+        dialect=dialect, column_keys=list(columns), for_executemany=True
+    )
+    sql, order = str(compiled.string), tuple(compiled.positiontup or ())
+    one_row = "(" + ", ".join(["?"] * len(order)) + ")"
+    if len(order) != len(columns) or sql.count(one_row) != 1:
+        raise AssertionError(f"unexpected form of a one-row insert: {sql}")
+    return sql.replace(one_row, ", ".join([one_row] * count)), order
 
 
 def _insert_rejects(connection: Connection, run_id: int, batch: PageBatch) -> None:

@@ -173,9 +173,14 @@ def test_large_page_is_chunked_under_the_variable_limit(engine: Engine) -> None:
     counts = write(engine, items)
 
     assert counts.new == 3_000
+    # Each row's values in their own columns, whichever statement held them.
     with engine.connect() as connection:
-        stored = connection.execute(select(tasks.c.uuid)).scalars().all()
-    assert len(stored) == 3_000
+        stored = dict(connection.execute(select(tasks.c.uuid, tasks.c.status)).all())
+        first_seen = connection.execute(
+            select(task_status_changes.c.task_uuid, task_status_changes.c.new_status)
+        ).all()
+    assert stored == {f"t{n:05}": 1 + n % 3 for n in range(3_000)}
+    assert dict(first_seen) == stored and len(first_seen) == 3_000
 
 
 def test_group_name_follows_the_platform(engine: Engine) -> None:

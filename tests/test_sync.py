@@ -1,4 +1,5 @@
 import logging
+import sys
 from typing import Any
 
 import pytest
@@ -9,7 +10,7 @@ from etl import store
 from etl.config import Config, DatabaseConfig, Endpoints, MainAccount
 from etl.models import accounts, sync_runs, task_status_changes, tasks
 from etl.simulator import SimServer, Simulator
-from etl.sync import Filters, run_sync
+from etl.sync import SWITCH_INTERVAL, Filters, run_sync
 
 
 @pytest.fixture
@@ -49,6 +50,22 @@ def test_sync_stores_every_task_of_every_account(
     assert summary.counts.new == len(truth(simulator))
     assert count(engine, task_status_changes) == len(truth(simulator))
     assert count(engine, accounts) == len(simulator.accounts())
+
+
+def test_a_run_shortens_the_switch_interval_and_then_restores_it(
+    simulator: Simulator, server: SimServer, engine: Engine
+) -> None:
+    during: list[float] = []
+    before = sys.getswitchinterval()
+
+    run_sync(
+        sync_config(server, simulator),
+        engine=engine,
+        progress=lambda _: during.append(sys.getswitchinterval()),
+    )
+
+    assert during and set(during) == {SWITCH_INTERVAL.seconds}
+    assert sys.getswitchinterval() == before
 
 
 def test_second_sync_of_an_unchanged_source_writes_nothing(

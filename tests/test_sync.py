@@ -68,6 +68,19 @@ def test_a_run_shortens_the_switch_interval_and_then_restores_it(
     assert sys.getswitchinterval() == before
 
 
+def test_the_switch_interval_comes_back_only_when_the_last_run_ends() -> None:
+    before = sys.getswitchinterval()
+
+    with pytest.raises(RuntimeError), SWITCH_INTERVAL.shortened():
+        with SWITCH_INTERVAL.shortened():
+            pass
+        # A run that overlapped this one has ended; this one still goes on.
+        assert sys.getswitchinterval() == SWITCH_INTERVAL.seconds
+        raise RuntimeError("the run failed")
+
+    assert sys.getswitchinterval() == before
+
+
 def test_second_sync_of_an_unchanged_source_writes_nothing(
     simulator: Simulator, server: SimServer, engine: Engine
 ) -> None:

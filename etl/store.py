@@ -576,22 +576,52 @@ def _execute_as_values(
     columns: tuple[str, ...],
     rows: list[dict[str, Any]],
 ) -> None:
-    """The rows as one statement of many VALUES rows (or a few, past
-    SQLite's limit of bound values).
+    """Most rows as a few statements of many VALUES rows each, the last few
+    by executemany.
 
     SQLite's driver gives up Python's lock for every row of an executemany,
     and while the fetching threads parsed, the writer waited to get it back
-    each time: it spent half its time waiting. One statement waits once.
+    each time: in a first sync it spent half its time waiting. A statement
+    waits once. The few rows of a re-sync's page gain nothing from it.
     """
-    largest = SQLITE_MAX_VARIABLES // len(columns)
-    for chunk in _chunks(rows, largest):
-        sql, order = _values_sql(connection.dialect, build, columns, len(chunk))
-        values = tuple([row[name] for row in chunk for name in order])
-        connection.exec_driver_sql(sql, values)
+    start = 0
+    for count in _statement_rows(len(rows), SQLITE_MAX_VARIABLES // len(columns)):
+        sql, order = _values_sql(connection.dialect, build, columns, count)
+        chunk = rows[start : start + count]
+        connection.exec_driver_sql(
+            sql, tuple([r[name] for r in chunk for name in order])
+        )
+        start += count
+    if start < len(rows):
+        sql = _driver_sql(connection.dialect, build, columns)
+        connection.exec_driver_sql(sql, rows[start:])
 
 
-# Pages give a few row counts: full ones, and the few rows a re-sync writes.
-@functools.lru_cache(maxsize=256)
+# Fewer rows than this go by executemany.
+FEWEST_VALUES_ROWS = 32
+
+
+def _statement_rows(total: int, largest: int) -> list[int]:
+    """How many rows each multi-row statement takes: powers of two from
+    `FEWEST_VALUES_ROWS`, largest first; what they leave goes by executemany.
+
+    Each row count is a statement text of its own, which SQLite's driver
+    keeps prepared for as long as the connection lasts, at about 2.3 kB a
+    row. A statement for every count that pages happened to have kept
+    hundreds of megabytes when pages of many sizes changed many rows; powers
+    of two allow a handful of counts, and a handful of statements a page.
+    """
+    top = 1 << (max(1, largest).bit_length() - 1)
+    counts = [top] * (total // top)
+    rest = total % top
+    for bit in reversed(range(rest.bit_length())):
+        if rest >> bit & 1 and 1 << bit >= FEWEST_VALUES_ROWS:
+            counts.append(1 << bit)
+    return counts
+
+
+# Holds every count `_statement_rows` gives, for both statements.
+@functools.lru_cache(maxsize=64)
 def _values_sql(
     dialect: Dialect, build: Callable[[str], Any], columns: tuple[str, ...], count: int
 ) -> tuple[str, tuple[str, ...]]:

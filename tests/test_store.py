@@ -183,6 +183,20 @@ def test_large_page_is_chunked_under_the_variable_limit(engine: Engine) -> None:
     assert dict(first_seen) == stored and len(first_seen) == 3_000
 
 
+def test_pages_of_any_size_need_only_a_few_sqlite_statement_texts() -> None:
+    # SQLite's driver keeps every statement text prepared while the
+    # connection lasts: one per row count of a page grew without bound.
+    largest = store.SQLITE_MAX_VARIABLES // len(tasks.c)
+    texts: set[int] = set()
+    for total in range(3_000):
+        counts = store._statement_rows(total, largest)
+        texts.update(counts)
+        assert 0 <= total - sum(counts) < store.FEWEST_VALUES_ROWS
+    assert all(count & (count - 1) == 0 for count in texts)
+    assert min(texts) >= store.FEWEST_VALUES_ROWS and max(texts) <= largest
+    assert len(texts) <= 6
+
+
 def test_group_name_follows_the_platform(engine: Engine) -> None:
     write(engine, [item("a")])
     write(engine, [item("a", group={"id": 1, "name": "新名字"})], T0 + timedelta(1))

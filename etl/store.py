@@ -231,8 +231,8 @@ class PageWriter:
             self._connection = self.engine.connect()
         connection = self._connection
         with connection.begin():
-            stored = _read_stored(connection, listed)
             driver = _DriverValues(connection.dialect.name)
+            stored = _read_stored(connection, driver, listed)
             plan = _plan(run_id, batch, listed, stored, previous_complete, driver)
             # A group renamed changes the tasks that embed it, so the groups
             # of the tasks written are all that can need an upsert.
@@ -252,7 +252,7 @@ def _deduplicate(listed: Iterable[Listed]) -> list[Listed]:
 
 
 def _read_stored(
-    connection: Connection, listed: list[Listed]
+    connection: Connection, driver: _DriverValues, listed: list[Listed]
 ) -> tuple[dict[str, _Stored], set[str]]:
     """The stored rows of the listed tasks that may have changed, and the
     uuids of those that did not; only the rows that differ get their times
@@ -260,7 +260,6 @@ def _read_stored(
     listed_hashes = {task.uuid: task.content_hash for task in listed}
     unchanged: set[str] = set()
     stored: dict[str, _Stored] = {}
-    driver = _DriverValues(connection.dialect.name)
     for row in _stored_rows(connection, list(listed_hashes)):
         uuid, _, content_hash, removed_at, _, _ = row
         if removed_at is None and content_hash == listed_hashes[uuid]:
@@ -545,12 +544,17 @@ def _driver_sql(
     if dialect.positional:
         # Named parameters, so the driver takes the rows' dicts as they are.
         dialect = type(dialect)(paramstyle="named")  # type: ignore[call-arg]
+    return str(_compiled(dialect, build, columns).string)
+
+
+def _compiled(
+    dialect: Dialect, build: Callable[[str], Any], columns: tuple[str, ...]
+) -> Any:
     # Compiled as for an executemany, which returns nothing: on PostgreSQL
     # an INSERT ... RETURNING of each row costs several times the insert.
-    compiled = build(dialect.name).compile(
+    return build(dialect.name).compile(
         dialect=dialect, column_keys=list(columns), for_executemany=True
     )
-    return str(compiled.string)
 
 
 def _execute_many(
@@ -626,9 +630,7 @@ def _values_sql(
     dialect: Dialect, build: Callable[[str], Any], columns: tuple[str, ...], count: int
 ) -> tuple[str, tuple[str, ...]]:
     """The statement for `count` rows, and the order of a row's values in it."""
-    compiled = build(dialect.name).compile(
-        dialect=dialect, column_keys=list(columns), for_executemany=True
-    )
+    compiled = _compiled(dialect, build, columns)
     sql, order = str(compiled.string), tuple(compiled.positiontup or ())
     one_row = "(" + ", ".join(["?"] * len(order)) + ")"
     if len(order) != len(columns) or sql.count(one_row) != 1:

@@ -197,8 +197,8 @@ class PageWriter:
 
     def close(self) -> None:
         if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+            connection, self._connection = self._connection, None
+            _release_writer_connection(connection)
 
     def write(
         self, run_id: int, batch: PageBatch, previous_complete: datetime | None
@@ -207,7 +207,7 @@ class PageWriter:
         listed = _deduplicate(batch.records)
         try:
             plan = self._write(run_id, batch, listed, previous_complete)
-        except (SQLAlchemyError, ValueError, OverflowError) as exc:
+        except (SQLAlchemyError, sqlite3.Error, ValueError, OverflowError) as exc:
             self.close()
             # A value a driver cannot bind raises outside SQLAlchemy's tree;
             # it fails this page like a refused statement, never the run.
@@ -228,7 +228,7 @@ class PageWriter:
         previous_complete: datetime | None,
     ) -> _Plan:
         if self._connection is None:
-            self._connection = self.engine.connect()
+            self._connection = _writer_connection(self.engine)
         connection = self._connection
         with connection.begin():
             driver = _DriverValues(connection.dialect.name)
@@ -244,6 +244,41 @@ class PageWriter:
         # Only once committed: a page rolled back stored no group.
         self._groups.update((group.id, group.name) for group in found)
         return plan
+
+
+def _writer_connection(engine: Engine) -> Connection:
+    """A connection to write pages over; on SQLite, with its temporary
+    storage in memory.
+
+    SQLite copies each database page a multi-row statement changes to a
+    statement journal, to undo that statement alone if it fails. Past
+    64 KiB the journal goes to a temporary file: a first sync wrote about a
+    megabyte of it for each page of tasks, a sixth of the writer's time. In
+    memory it costs a copy, and is freed when the statement ends.
+    """
+    connection = engine.connect()
+    if connection.dialect.name == "sqlite":
+        _sqlite_pragma(connection, "temp_store = MEMORY")
+    return connection
+
+
+def _release_writer_connection(connection: Connection) -> None:
+    # The pool hands the connection to other queries next, whose sorts and
+    # temporary tables can be large: those keep SQLite's default, a small
+    # cache that spills to a file.
+    if connection.dialect.name == "sqlite" and not connection.invalidated:
+        try:
+            _sqlite_pragma(connection, "temp_store = DEFAULT")
+        except sqlite3.Error:
+            connection.invalidate()
+    connection.close()
+
+
+def _sqlite_pragma(connection: Connection, setting: str) -> None:
+    # Run by the driver: through SQLAlchemy the statement would begin a
+    # transaction, and on SQLite every transaction here takes the write lock.
+    driver_connection: Any = connection.connection.driver_connection
+    driver_connection.execute(f"PRAGMA {setting}")
 
 
 def _deduplicate(listed: Iterable[Listed]) -> list[Listed]:

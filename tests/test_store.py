@@ -197,6 +197,36 @@ def test_pages_of_any_size_need_only_a_few_sqlite_statement_texts() -> None:
     assert len(texts) <= 6
 
 
+def test_sqlite_pages_are_written_with_temporary_storage_in_memory(
+    sqlite_url: str,
+) -> None:
+    # A multi-row statement's journal spilled to a temporary file: about a
+    # megabyte of writes for each page of a first sync.
+    engine = store.connect(DatabaseConfig(url=sqlite_url))
+    store.migrate(engine)
+    run_id = runs.start_run(engine, "sync")
+    with store.PageWriter(engine) as writer:
+        writer.write(run_id, batch([item(f"t{n:03}") for n in range(200)]), None)
+        assert writer._connection is not None
+        during = temp_store(writer._connection)
+    # The pool hands the connection on to queries that may sort a lot.
+    pooled = [engine.connect() for _ in range(engine.pool.checkedin())]
+    after = [temp_store(connection) for connection in pooled]
+    for connection in pooled:
+        connection.close()
+    engine.dispose()
+
+    assert during == 2  # MEMORY
+    assert after and all(setting == 0 for setting in after)  # the default
+
+
+def temp_store(connection: Any) -> int:
+    # Read by the driver: through SQLAlchemy it would begin a transaction.
+    cursor = connection.connection.driver_connection.execute("PRAGMA temp_store")
+    setting: int = cursor.fetchone()[0]
+    return setting
+
+
 def test_group_name_follows_the_platform(engine: Engine) -> None:
     write(engine, [item("a")])
     write(engine, [item("a", group={"id": 1, "name": "新名字"})], T0 + timedelta(1))

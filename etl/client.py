@@ -449,6 +449,7 @@ class Walk:
         self._is_consistent = True
         self._has_stopped_early = False
         self._has_relied_on_lengths = False
+        self._has_read_past = False
         # What the platform advertised, kept across pages that omit meta.
         self._total: int | None = None
         self._last_page: int | None = None
@@ -556,7 +557,7 @@ class Walk:
         if last_page is None:
             return self._ends_by_length(length, largest_before)
         if page.number >= last_page:
-            return True
+            return not self._reads_past(page.number, length, largest_before)
         if length == 0:
             counts = f"{self.items} items read"
             if self._total is not None:
@@ -627,6 +628,26 @@ class Walk:
         # longest page seen beats the requested size when meta omits it.
         per_page = self._per_page or self._largest or self._page_size
         return math.ceil(self._total / per_page)
+
+    def _reads_past(self, number: int, length: int, largest_before: int) -> bool:
+        """Whether to read past the page meta says is the last.
+
+        A platform that caps pages below the `per_page` it reports, or
+        miscounts `last_page`, sends fewer items by then than its total. Were
+        the walk to stop there, every walk would miss the same tasks. While
+        pages come as full as any before them, the rest may follow.
+        """
+        is_short = self._total is not None and self.items < self._total
+        is_full = length > 0 and length >= largest_before
+        if not (is_short and is_full):
+            return False
+        if not self._has_read_past:
+            self._has_read_past = True
+            self._warn(
+                f"page {number} should be the last, but {self.items} of"
+                f" {self._total} items were read and the page was full; reading on"
+            )
+        return True
 
     def _ends_by_length(self, length: int, largest_before: int) -> bool:
         if not self._has_relied_on_lengths:

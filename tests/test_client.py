@@ -562,6 +562,27 @@ WALKS = [
         id="capped-per-page-total-only",
     ),
     pytest.param(
+        [page(range(n, n + 15), meta(45, None, 100)) for n in (0, 15, 30)],
+        (45, 3, True, "page 1 should be the last, but 15 of 45 items were read"),
+        id="capped-per-page-but-requested-one-reported",
+    ),
+    pytest.param(
+        [page(range(n, n + 15), meta(45, 1, 100)) for n in (0, 15, 30)],
+        (45, 3, True, "page 1 should be the last, but 15 of 45 items were read"),
+        id="capped-per-page-and-last-page-1-reported",
+    ),
+    pytest.param(
+        [page(range(n, n + 15), meta(45, None, 100)) for n in (0, 15)]
+        + [page(range(30, 40), meta(40, None, 100))],
+        (40, 3, False, "reports total 40, an earlier page reported 45"),
+        id="capped-per-page-list-shrank",
+    ),
+    pytest.param(
+        [page(range(n, n + 15), meta(45, None, 100)) for n in (0, 15)],
+        (30, 3, False, "total 45 but 30 items read"),
+        id="capped-per-page-ends-empty-short-of-total",
+    ),
+    pytest.param(
         [page(range(2), meta(3, 2, 2)), page(None, meta(3, 2, 2))],
         (2, 2, False, "total 3 but 2 items read"),
         id="last-page-data-null",

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The longest id the database's id columns hold, for tasks, groups and
+# accounts alike.
+ID_LENGTH = 200
+
 
 @dataclass(frozen=True)
 class Account:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from etl.accounts import ID_LENGTH
 from etl.errors import ConfigError
 
 DEFAULT_PATH = "task-etl.toml"
@@ -308,6 +309,10 @@ def _read_account(
         # It goes into the endpoint's path, where a dot segment would lead a
         # server to another path than the allow-listed one.
         reader.fail("user_id", f"{user_id!r} is not an account id")
+    if len(user_id) > ID_LENGTH:
+        # Found by the database only when the run records the account,
+        # failing every account of the run on PostgreSQL.
+        reader.fail("user_id", f"longer than {ID_LENGTH} characters")
     token_env = reader.get("token_env", str, None)
     if token_env and tokens and not environ.get(token_env, "").strip():
         # Falling back to the shared token would call with another account's
@@ -317,6 +322,8 @@ def _read_account(
     sub_accounts = reader.get("sub_accounts", list, [])
     if not all(isinstance(item, str) and item.strip() for item in sub_accounts):
         reader.fail("sub_accounts", "must be a list of non-empty strings")
+    if any(len(item.strip()) > ID_LENGTH for item in sub_accounts):
+        reader.fail("sub_accounts", f"an id is longer than {ID_LENGTH} characters")
     return MainAccount(
         user_id=user_id,
         name=reader.get("name", str, ""),

@@ -33,6 +33,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeDecorator
 
+from etl.accounts import ID_LENGTH
+
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -72,7 +74,7 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 
 Payload = JSON().with_variant(JSONB(), "postgresql")
-Id = String(200)
+Id = String(ID_LENGTH)
 
 accounts = Table(
     "accounts",

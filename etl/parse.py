@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 
-from etl.accounts import Account
-from etl.models import Id
+from etl.accounts import ID_LENGTH, Account
 
 STATUS_LABELS = {1: "paused", 2: "running", 3: "waiting"}
 REDACTED = "[redacted]"
@@ -42,7 +41,6 @@ _PAYLOAD_ENCODER = json.JSONEncoder(
 )
 # What the typed columns hold on every supported database: values beyond
 # them become NULL here rather than failing the page on one database only.
-ID_LENGTH: int = Id.length or 200
 INT32 = 2**31
 INT64 = 2**63
 

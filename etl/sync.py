@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from etl import archive, locks, rollup, runs, store
-from etl.accounts import Account
+from etl.accounts import ID_LENGTH, Account
 from etl.client import Client, Page
 from etl.config import Config
 from etl.errors import (
@@ -35,7 +35,7 @@ from etl.errors import (
     RunInterrupted,
     StoreError,
 )
-from etl.parse import ID_LENGTH, RejectedItem, clean, identify_task, to_text
+from etl.parse import RejectedItem, clean, identify_task, to_text
 from etl.store import PageBatch, PageCounts, Reject
 
 log = logging.getLogger(__name__)

@@ -130,6 +130,36 @@ def test_a_dot_segment_is_not_an_account_id(tmp_path: Path, user_id: str) -> Non
         config.load(path, {})
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ('"main-1"', f'"{"u" * 201}"', r"accounts\[0\]\.user_id: longer than 200"),
+        (
+            'user_id = "main-1"',
+            f'user_id = "main-1"\nsub_accounts = ["ok", "{"s" * 201}"]',
+            r"accounts\[0\]\.sub_accounts: an id is longer than 200",
+        ),
+    ],
+    ids=["user_id", "sub_account"],
+)
+def test_an_id_longer_than_the_columns_is_refused(
+    tmp_path: Path, old: str, new: str, message: str
+) -> None:
+    path = write(tmp_path, MINIMAL.replace(old, new, 1))
+
+    with pytest.raises(ConfigError, match=message) as raised:
+        config.load(path, {})
+    assert raised.value.exit_code == 2
+
+
+def test_an_id_as_long_as_the_columns_is_accepted(tmp_path: Path) -> None:
+    text = MINIMAL.replace('"main-1"', f'"{"u" * 200}"', 1)
+
+    loaded = config.load(write(tmp_path, text), {})
+
+    assert loaded.accounts[0].user_id == "u" * 200
+
+
 def test_tokens_are_not_in_the_repr(tmp_path: Path) -> None:
     loaded = config.load(write(tmp_path, MINIMAL), {})
 

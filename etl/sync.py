@@ -207,6 +207,20 @@ class _SwitchInterval:
 
 
 SWITCH_INTERVAL = _SwitchInterval(0.0005)
+WALK_THREAD_PREFIX = "walk"
+
+
+def walks_in_flight() -> int:
+    """The walks still going on in this process, after every run returned.
+
+    A halted run leaves a walk that waits for an HTTP answer behind: it ends
+    when the answer or api.read_timeout comes, and drops its page.
+    """
+    return sum(
+        1
+        for thread in threading.enumerate()
+        if thread.name.startswith(WALK_THREAD_PREFIX) and thread.is_alive()
+    )
 
 
 def make_client(config: Config, sleep: Callable[[float], None] = time.sleep) -> Client:
@@ -428,7 +442,7 @@ class _Run:
         for account in found:
             self.states[account] = _AccountState()
         workers = max(1, min(self.config.api.parallelism, len(found)))
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="walk")
+        pool = ThreadPoolExecutor(workers, thread_name_prefix=WALK_THREAD_PREFIX)
         try:
             for account in found:
                 pool.submit(self._fetch, account)

@@ -217,6 +217,36 @@ def test_a_signal_stops_a_sync_or_backfill_which_exits_130(
     assert "Traceback" not in run_process.log
 
 
+def test_a_stopped_sync_exits_without_waiting_for_answers_in_flight(
+    tmp_path: Path,
+    server: SimServer,
+    simulator: Simulator,
+    db_url: str,
+    engine: Engine,
+    started: Callable[..., Daemon],
+) -> None:
+    # The process used to exit only once every walk's HTTP answer, or the
+    # read timeout, had come: 10 s here after a one-second stop.
+    add_tasks(simulator, 16)
+    simulator.delay = 0.2
+    run_process = started(write_config(tmp_path, server, simulator, db_url), "sync")
+    wait_until(lambda: count(engine, tasks) > 0, "a first page stored")
+    simulator.delay = 12.0
+    time.sleep(0.5)  # every walk now waits for an answer
+
+    asked = time.monotonic()
+    code = run_process.stop(signal.SIGTERM)
+    took = time.monotonic() - asked
+    simulator.delay = 0.0
+
+    assert code == 130, run_process.log
+    assert took < 5.0, run_process.log
+    (run,) = all_runs(engine)
+    assert run.outcome == "stopped"
+    assert "exiting without waiting for" in run_process.log
+    assert "Traceback" not in run_process.log
+
+
 def test_a_second_signal_exits_at_once_and_the_next_run_cleans_up(
     tmp_path: Path,
     server: SimServer,

@@ -7,7 +7,6 @@ Results go to stdout; logs go to stderr. An expected failure is one line,
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from etl import demo as demo_module
 from etl import html_report, report, rollup, schedule, store
 from etl.config import Config
 from etl.errors import EtlError
-from etl.sync import Filters, run_sync, walks_in_flight
+from etl.sync import Filters, run_sync
 
 log = logging.getLogger(__name__)
 
@@ -100,25 +99,7 @@ def run_command(ctx: click.Context, action: Callable[[], int]) -> NoReturn:
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         code = 130
-    _leave_cut_walks(code)
     ctx.exit(code)
-
-
-def _leave_cut_walks(code: int) -> None:
-    """Exit now if walks a halt cut short still wait for the platform.
-
-    Python waits for them before exiting, up to api.read_timeout and its
-    retries: a stopped sync seemed to hang. Nothing of theirs is lost; every
-    page written is committed, and theirs would be dropped.
-    """
-    waiting = walks_in_flight()
-    if not waiting:
-        return
-    log.info("exiting without waiting for %d walk(s) cut short", waiting)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)
 
 
 @main.command()

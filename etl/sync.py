@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
@@ -207,20 +206,6 @@ class _SwitchInterval:
 
 
 SWITCH_INTERVAL = _SwitchInterval(0.0005)
-WALK_THREAD_PREFIX = "walk"
-
-
-def walks_in_flight() -> int:
-    """The walks still going on in this process, after every run returned.
-
-    A halted run leaves a walk that waits for an HTTP answer behind: it ends
-    when the answer or api.read_timeout comes, and drops its page.
-    """
-    return sum(
-        1
-        for thread in threading.enumerate()
-        if thread.name.startswith(WALK_THREAD_PREFIX) and thread.is_alive()
-    )
 
 
 def make_client(config: Config, sleep: Callable[[float], None] = time.sleep) -> Client:
@@ -441,25 +426,51 @@ class _Run:
     def _walk_all(self, found: list[Account]) -> None:
         for account in found:
             self.states[account] = _AccountState()
-        workers = max(1, min(self.config.api.parallelism, len(found)))
-        pool = ThreadPoolExecutor(workers, thread_name_prefix=WALK_THREAD_PREFIX)
+        walkers = self._start_walkers(found)
         try:
-            for account in found:
-                pool.submit(self._fetch, account)
             with self.writer:
                 self._write_until_done(len(found))
         except BaseException:
-            # Release fetchers blocked on the full queue, or leaving the
-            # pool would wait for them for ever.
+            # Release fetchers blocked on the full queue, or waiting for
+            # them would last for ever.
             self.stop.set()
             raise
         finally:
-            # A halted run does not wait for a walk sitting in an HTTP read:
-            # that ends within api.read_timeout, and its page is dropped.
-            pool.shutdown(wait=not self.stop.is_set(), cancel_futures=True)
+            if not self.stop.is_set():
+                for thread in walkers:
+                    thread.join()
+
+    def _start_walkers(self, found: list[Account]) -> list[threading.Thread]:
+        """Threads that walk the accounts, api.parallelism at a time.
+
+        Daemon threads: a walk that a halt cut short while it waited for an
+        HTTP answer holds back neither the run nor the process's exit, which
+        would otherwise wait for that answer or api.read_timeout and its
+        retries. Its page would be dropped anyway.
+        """
+        waiting: queue.SimpleQueue[Account] = queue.SimpleQueue()
+        for account in found:
+            waiting.put(account)
+
+        def walk_while_any_wait() -> None:
+            while not self.stop.is_set():
+                try:
+                    account = waiting.get_nowait()
+                except queue.Empty:
+                    return
+                self._fetch(account)
+
+        count = max(1, min(self.config.api.parallelism, len(found)))
+        threads = [
+            threading.Thread(target=walk_while_any_wait, name=f"walk-{n}", daemon=True)
+            for n in range(count)
+        ]
+        for thread in threads:
+            thread.start()
+        return threads
 
     def _fetch(self, account: Account) -> None:
-        """Walk one account in a pool thread and queue what it finds."""
+        """Walk one account in a walker thread and queue what it finds."""
         refused = self._take_lock(account)
         if refused is not None:
             self._put(refused)

@@ -466,7 +466,18 @@ class Walk:
     def _read(self) -> Iterator[Page]:
         number = 1
         while True:
-            page, length = self._fetch(number)
+            try:
+                page, length = self._fetch(number)
+            except ApiError as exc:
+                if not self._has_read_past:
+                    raise
+                # Some platforms refuse a page past the range they advertised.
+                status = f"HTTP {exc.status}: " if exc.status is not None else ""
+                self._stop_early(
+                    f"page {number}, past the advertised last page, failed"
+                    f" ({status}{exc.reason}); the walk ends there"
+                )
+                break
             self.pages += 1
             self.items += len(page.items)
             is_last = self._is_last(page, length)
@@ -635,17 +646,24 @@ class Walk:
         A platform that caps pages below the `per_page` it reports, or
         miscounts `last_page`, sends fewer items by then than its total. Were
         the walk to stop there, every walk would miss the same tasks. While
-        pages come as full as any before them, the rest may follow.
+        pages come as full as any before them, the rest may follow, up to
+        as many pages as the total needs at the length pages really have.
         """
-        is_short = self._total is not None and self.items < self._total
+        if self._total is None or self.items >= self._total:
+            return False
         is_full = length > 0 and length >= largest_before
-        if not (is_short and is_full):
+        if not is_full or number >= math.ceil(self._total / self._largest):
             return False
         if not self._has_read_past:
             self._has_read_past = True
+            # Past its advertised range a platform may serve anything, its
+            # first pages again among it, and a count that then adds up
+            # proves nothing: such a walk never marks a task removed.
+            self._is_consistent = False
             self._warn(
                 f"page {number} should be the last, but {self.items} of"
-                f" {self._total} items were read and the page was full; reading on"
+                f" {self._total} items were read and the page was full; reading"
+                " on, and marking no removals from this walk"
             )
         return True
 

@@ -561,15 +561,22 @@ WALKS = [
         (45, 3, True, None),
         id="capped-per-page-total-only",
     ),
+    # Read past the advertised range, where a platform may serve anything:
+    # every item is stored, but no such walk may mark a task removed.
     pytest.param(
         [page(range(n, n + 15), meta(45, None, 100)) for n in (0, 15, 30)],
-        (45, 3, True, "page 1 should be the last, but 15 of 45 items were read"),
+        (45, 3, False, "page 1 should be the last, but 15 of 45 items were read"),
         id="capped-per-page-but-requested-one-reported",
     ),
     pytest.param(
         [page(range(n, n + 15), meta(45, 1, 100)) for n in (0, 15, 30)],
-        (45, 3, True, "page 1 should be the last, but 15 of 45 items were read"),
+        (45, 3, False, "marking no removals from this walk"),
         id="capped-per-page-and-last-page-1-reported",
+    ),
+    pytest.param(
+        [page(range(n, n + 50), meta(150, 2, 100)) for n in (0, 50, 0)],
+        (150, 3, False, "page 2 should be the last, but 100 of 150 items were read"),
+        id="past-the-last-page-the-first-page-again",
     ),
     pytest.param(
         [page(range(n, n + 15), meta(45, None, 100)) for n in (0, 15)]
@@ -690,6 +697,36 @@ def test_a_walk_that_never_ends_hits_the_page_cap(platform, connect):
     assert "page 6" in message and "max_pages" in message
     assert len(platform.requests) == walk.pages == 5
     assert walk.is_complete is False
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        Reply(404, b'{"code": 404, "status": "error", "message": "no such page"}'),
+        Reply(body=envelope([], code=422, status="error", message="out of range")),
+    ],
+    ids=["http-404", "error-envelope"],
+)
+def test_a_page_past_the_advertised_range_refused_ends_the_walk(
+    platform, connect, refusal
+):
+    # Over-counted totals and a full last page made the walk ask for a page
+    # the platform refuses; that failed the whole account on every sync.
+    bodies = [page(range(n, n + 15), meta(40, 2, 15)) for n in (0, 15)]
+
+    def respond(seen: Seen) -> Reply:
+        return Reply(body=bodies[seen.page - 1]) if seen.page <= 2 else refusal
+
+    platform.respond = respond
+    walk = connect(page_size=15).walk_tasks(MAIN)
+    pages = list(walk)
+
+    assert [p.number for p in pages] == [1, 2] and walk.items == 30
+    assert [seen.page for seen in platform.requests] == [1, 2, 3]
+    assert walk.is_complete is False
+    assert any(
+        "page 3, past the advertised last page, failed" in w for w in walk.warnings
+    )
 
 
 def test_walks_sub_accounts_keyed_by_id(platform, connect):

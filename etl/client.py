@@ -348,9 +348,15 @@ class Client:
         status = response.status_code
         try:
             envelope = json.loads(response.content)
-        except (ValueError, RecursionError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise call.retryable(
                 "the body is not JSON or is cut short", status
+            ) from None
+        except ValueError:
+            # Whole JSON that Python will not read, such as an integer of
+            # more than 4,300 digits: asking again brings the same body.
+            raise call.fatal(
+                "the body holds a number too long to read", status
             ) from None
         if not isinstance(envelope, dict):
             raise call.fatal(

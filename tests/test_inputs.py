@@ -499,6 +499,20 @@ def test_a_bad_200_body_is_retried_then_a_clear_error(
     assert "not JSON or is cut short" in summary.errors[0]
 
 
+def test_a_number_too_long_to_read_fails_at_once(
+    platform: Platform, engine: Engine
+) -> None:
+    # Python refuses integers of more than 4,300 digits; the body was retried
+    # as if cut short, though every answer would be the same.
+    body = envelope(tasks(1, 2)).replace(b'"status": 2', b'"status": ' + b"7" * 5000)
+    assert b"7" * 5000 in body
+
+    summary = fails_u1_only(platform, engine, Reply(200, body))
+
+    assert platform.pages_asked("u1") == [1]
+    assert "the body holds a number too long to read" in summary.errors[0]
+
+
 @pytest.mark.parametrize(
     "fields",
     [

@@ -115,10 +115,13 @@ def _label(row: Any) -> str:
 
 def _describe_account_row(row: Any, width: int, now: datetime) -> str:
     state = row["last_outcome"] or "never synced"
-    success = row["last_success_at"]
+    success, complete = row["last_success_at"], row["last_complete_at"]
+    # Only a complete walk marks removals: an account whose walks succeed
+    # but never complete keeps tasks listed that the platform dropped.
     line = (
         f"  {_label(row):<{width}}  {state:<12} last success "
-        f"{_when(success)}{_ago(success, now)}"
+        f"{_when(success)}{_ago(success, now)}, last complete walk "
+        f"{_when(complete)}{_ago(complete, now)}"
     )
     if row["last_error"]:
         line += f"\n      last error: {row['last_error']}"

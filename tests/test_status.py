@@ -284,3 +284,23 @@ def test_status_shows_runs_accounts_and_errors_without_secrets(
     assert "http" not in result.output
     assert lines[-1].startswith("Last good sync: ")
     assert lines[-1].endswith(" s ago)")
+
+
+def test_status_shows_when_each_account_last_had_a_complete_walk(
+    config: str, simulator: Simulator
+) -> None:
+    # A filtered pull succeeds but cannot show which tasks are gone.
+    main = simulator.main_user_ids()[0]
+    invoke("--config", config, "backfill", "--account", main, "--status", "2")
+    filtered = invoke("--config", config, "status").stdout
+    invoke("--config", config, "sync")
+    synced = invoke("--config", config, "status").stdout
+
+    row = next(line for line in filtered.splitlines() if line.startswith(f"  {main} "))
+    assert "succeeded" in row and "last complete walk never" in row
+    rows = [
+        line
+        for line in synced.splitlines()
+        if line.startswith("  ") and "#" not in line
+    ]
+    assert rows and all("last complete walk 20" in line for line in rows)

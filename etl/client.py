@@ -356,7 +356,9 @@ class Client:
             # Whole JSON that Python will not read, such as an integer of
             # more than 4,300 digits: asking again brings the same body.
             raise call.fatal(
-                "the body holds a number too long to read", status
+                "the body holds a value Python cannot read, such as a number of"
+                " over 4,300 digits",
+                status,
             ) from None
         if not isinstance(envelope, dict):
             raise call.fatal(

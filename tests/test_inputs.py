@@ -510,7 +510,7 @@ def test_a_number_too_long_to_read_fails_at_once(
     summary = fails_u1_only(platform, engine, Reply(200, body))
 
     assert platform.pages_asked("u1") == [1]
-    assert "the body holds a number too long to read" in summary.errors[0]
+    assert "the body holds a value Python cannot read" in summary.errors[0]
 
 
 @pytest.mark.parametrize(

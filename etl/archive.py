@@ -11,7 +11,8 @@ Under the configured directory, one folder per walk of one account:
 A page file is gzip holding one line of JSON (account, endpoint, page number,
 fetch time, walk start) and then the response body byte for byte. `end.json`
 says when the walk ended and whether it was complete: only then did the run
-mark the tasks it did not list as removed, at exactly `ended_at`.
+settle the tasks it did not list (flagged, or removed if the complete walk
+before missed them too), at exactly `ended_at`.
 
 Pages hold the tasks' callback URLs unredacted, so folders are created
 owner-only (0700) and files 0600. Every file is written under a hidden

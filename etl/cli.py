@@ -441,7 +441,7 @@ def simulate(ctx: click.Context, /, **options: Any) -> None:
 )
 @click.pass_context
 def demo(ctx: click.Context, path: Path) -> None:
-    """Simulator + migrate + two syncs into a local SQLite file, with a summary."""
+    """Simulator + migrate + three syncs into a local SQLite file, with a summary."""
 
     def action() -> int:
         click.echo(demo_module.run_demo(path))

@@ -188,6 +188,13 @@ tasks = Table(
         UtcDateTime,
         comment="when a run found the platform no longer lists it; empty while listed",
     ),
+    Column(
+        "unlisted_after",
+        UtcDateTime,
+        comment="set when a complete walk did not list the task: when it was "
+        "last observed listed; the next complete walk that misses it too "
+        "marks it removed; empty while listed",
+    ),
     # Dashboards filter by account, listed or not, and group by status; with
     # these the counts are read from the indexes alone.
     Index(None, "user_id", "sub_user_id", "removed_at", "status"),

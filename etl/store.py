@@ -22,14 +22,17 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Dialect,
     Engine,
     Insert,
     Table,
+    case,
     create_engine,
     event,
     insert,
+    literal,
     select,
     update,
 )
@@ -296,7 +299,7 @@ def _read_stored(
     unchanged: set[str] = set()
     stored: dict[str, _Stored] = {}
     for row in _stored_rows(connection, list(listed_hashes)):
-        uuid, _, content_hash, removed_at, _, _ = row
+        uuid, _, content_hash, removed_at, *_ = row
         if removed_at is None and content_hash == listed_hashes[uuid]:
             unchanged.add(uuid)
         else:
@@ -313,11 +316,12 @@ class _Stored(NamedTuple):
     removed_at: datetime | None
     status_str: str | None
     status_seen_at: datetime | None
+    unlisted_after: datetime | None
 
     @classmethod
     def read(cls, driver: _DriverValues, row: tuple[Any, ...]) -> _Stored:
         """From a row of `_stored_rows`, its times converted."""
-        uuid, status, content_hash, removed_at, status_str, seen_at = row
+        uuid, status, content_hash, removed_at, status_str, seen_at, unlisted = row
         return cls(
             uuid,
             status,
@@ -325,6 +329,7 @@ class _Stored(NamedTuple):
             driver.read_time(removed_at),
             status_str,
             driver.read_time(seen_at),
+            driver.read_time(unlisted),
         )
 
 
@@ -344,8 +349,8 @@ def _stored_rows(connection: Connection, uuids: list[str]) -> Iterator[Any]:
 def _stored_rows_sql(paramstyle: str, count: int) -> str:
     marker = "?" if paramstyle == "qmark" else "%s"
     return (
-        "SELECT uuid, status, content_hash, removed_at, status_str, status_seen_at"
-        f" FROM tasks WHERE uuid IN ({', '.join([marker] * count)})"
+        "SELECT uuid, status, content_hash, removed_at, status_str, status_seen_at,"
+        f" unlisted_after FROM tasks WHERE uuid IN ({', '.join([marker] * count)})"
     )
 
 
@@ -401,11 +406,24 @@ def _plan(
             plan.counts.changed += 1
             status_changed = old.status != record.status
             seen_at = now if status_changed else old.status_seen_at
+            # A task the last complete walk missed stays flagged (see
+            # `mark_removals`), now last observed listed here; and that walk
+            # did not observe it, so its flag says when one last did.
+            flagged = old.unlisted_after is not None
             plan.rows.append(
-                _task_row(prepared, at, status_seen_at=driver.time(seen_at))
+                _task_row(
+                    prepared,
+                    at,
+                    status_seen_at=driver.time(seen_at),
+                    unlisted_after=at if flagged else None,
+                )
             )
             if status_changed:
-                last_seen = _latest(old.status_seen_at, previous_complete)
+                last_seen = (
+                    old.unlisted_after
+                    if flagged
+                    else _latest(old.status_seen_at, previous_complete)
+                )
                 plan.changes.append(
                     _change(run_id, record, "changed", old, at, driver.time(last_seen))
                 )
@@ -481,14 +499,17 @@ def _prepare(driver: _DriverValues, task: Listed) -> PreparedTask:
     return PreparedTask(record.uuid, record.content_hash, record, values)
 
 
-def _task_row(task: PreparedTask, at: Any, *, status_seen_at: Any) -> dict[str, Any]:
-    """The task's row, written `at`; both times in the driver's form."""
+def _task_row(
+    task: PreparedTask, at: Any, *, status_seen_at: Any, unlisted_after: Any = None
+) -> dict[str, Any]:
+    """The task's row, written `at`; all times in the driver's form."""
     return {
         **task.values,
         "first_seen_at": at,
         "last_changed_at": at,
         "status_seen_at": status_seen_at,
         "removed_at": None,
+        "unlisted_after": unlisted_after,
     }
 
 
@@ -792,60 +813,96 @@ def mark_removals(
     observed_at: datetime,
     previous_complete: datetime | None,
 ) -> int:
-    """Mark removed the account's listed tasks that a complete walk missed."""
+    """Settle the account's listed tasks after a complete walk; the count removed.
+
+    A task is marked removed only when this walk and the complete walk
+    before it both missed it. A list that shifts between two pages while
+    they are read (a task deleted from a page already read pushes the next
+    one onto it) hides a live task from that one walk, and nothing in the
+    walk shows it; the next walk lists it again. So a task the walk missed
+    is first only flagged, with when it was last observed listed
+    (`unlisted_after`), and a walk that lists it clears the flag.
+    """
     owned = (tasks.c.user_id == account.user_id) & (
         tasks.c.sub_user_id == account.sub_user_id
     )
+    listed = owned & tasks.c.removed_at.is_(None)
     try:
         with engine.begin() as connection:
-            # Streamed: holding every row of a large account at once, only
-            # to keep the few that are gone, doubled a run's peak memory.
-            # Only uuids: the whole rows are read for the few that are gone.
-            listed = connection.execute(
-                select(tasks.c.uuid).where(owned, tasks.c.removed_at.is_(None)),
-                execution_options={"yield_per": STREAMED_ROWS},
+            flagged = connection.execute(
+                select(
+                    tasks.c.uuid,
+                    tasks.c.status,
+                    tasks.c.status_str,
+                    tasks.c.unlisted_after,
+                ).where(listed, tasks.c.unlisted_after.is_not(None))
+            ).all()
+            gone = [row for row in flagged if row.uuid not in seen]
+            back = [row.uuid for row in flagged if row.uuid in seen]
+            missed = _missed(connection, listed, seen)
+            _set_unlisted(connection, missed, previous_complete)
+            _update_each(connection, back, unlisted_after=None)
+            _update_each(
+                connection,
+                [row.uuid for row in gone],
+                removed_at=observed_at,
+                last_changed_at=observed_at,
+                unlisted_after=None,
             )
-            gone_ids = [uuid for uuid in listed.scalars() if uuid not in seen]
             driver = _DriverValues(connection.dialect.name)
-            rows = _stored_rows(connection, gone_ids)
-            gone = [_Stored.read(driver, row) for row in rows]
-            for chunk in _chunks(gone, _rows_per_statement(connection, 1)):
-                connection.execute(
-                    update(tasks)
-                    .where(tasks.c.uuid.in_([row.uuid for row in chunk]))
-                    .values(removed_at=observed_at, last_changed_at=observed_at)
-                )
             _execute_many(
                 connection,
                 _change_insert,
-                [
-                    _removal(driver, run_id, row, observed_at, previous_complete)
-                    for row in gone
-                ],
+                [_removal(driver, run_id, row, observed_at) for row in gone],
             )
     except SQLAlchemyError as exc:
         raise StoreError(
             f"account {account.label}: removals were not marked: {_first_line(exc)}"
         ) from exc
-    # One line per account keeps a daemon's log readable; each task is in
-    # task_status_changes, and in the log at DEBUG.
-    if gone:
-        log.info(
-            "account %s: %d task(s) no longer listed, marked removed",
-            account.label,
-            len(gone),
-        )
-    for row in gone:
-        log.debug("task %s of account %s removed", row.uuid, account.label)
+    _log_settled(account, len(missed), gone)
     return len(gone)
 
 
+def _missed(
+    connection: Connection, listed: ColumnElement[bool], seen: Container[str]
+) -> list[str]:
+    """The listed, unflagged tasks that the walk did not list."""
+    # Streamed, and only uuids: holding every row of a large account at
+    # once, only to keep the few that are missing, doubled a run's peak
+    # memory.
+    rows = connection.execute(
+        select(tasks.c.uuid).where(listed, tasks.c.unlisted_after.is_(None)),
+        execution_options={"yield_per": STREAMED_ROWS},
+    )
+    return [uuid for uuid in rows.scalars() if uuid not in seen]
+
+
+def _set_unlisted(
+    connection: Connection, uuids: list[str], previous_complete: datetime | None
+) -> None:
+    """Flag tasks a complete walk missed, with when they were last observed.
+
+    That is the later of when their status was first observed and when the
+    previous complete walk began, which listed them, or they would be
+    flagged already. It becomes the removal's `old_seen_at`.
+    """
+    last_observed: Any = tasks.c.status_seen_at
+    if previous_complete is not None:
+        walk_began = literal(previous_complete, tasks.c.status_seen_at.type)
+        last_observed = case(
+            (tasks.c.status_seen_at > walk_began, tasks.c.status_seen_at),
+            else_=walk_began,
+        )
+    _update_each(connection, uuids, unlisted_after=last_observed)
+
+
+def _update_each(connection: Connection, uuids: list[str], **values: Any) -> None:
+    for chunk in _chunks(uuids, _rows_per_statement(connection, 1)):
+        connection.execute(update(tasks).where(tasks.c.uuid.in_(chunk)).values(values))
+
+
 def _removal(
-    driver: _DriverValues,
-    run_id: int,
-    row: _Stored,
-    observed_at: datetime,
-    previous_complete: datetime | None,
+    driver: _DriverValues, run_id: int, row: Any, observed_at: datetime
 ) -> dict[str, Any]:
     return {
         "task_uuid": row.uuid,
@@ -855,9 +912,29 @@ def _removal(
         "old_status_str": row.status_str,
         "new_status": None,
         "new_status_str": None,
-        "old_seen_at": driver.time(_latest(row.status_seen_at, previous_complete)),
+        "old_seen_at": driver.time(row.unlisted_after),
         "observed_at": driver.time(observed_at),
     }
+
+
+def _log_settled(account: Account, missed: int, gone: list[Any]) -> None:
+    # One line per account keeps a daemon's log readable; each removed task
+    # is in task_status_changes, and in the log at DEBUG.
+    if missed:
+        log.info(
+            "account %s: %d task(s) not listed; marked removed if the next "
+            "complete walk misses them too",
+            account.label,
+            missed,
+        )
+    if gone:
+        log.info(
+            "account %s: %d task(s) no longer listed, marked removed",
+            account.label,
+            len(gone),
+        )
+    for row in gone:
+        log.debug("task %s of account %s removed", row.uuid, account.label)
 
 
 def _first_line(exc: BaseException) -> str:

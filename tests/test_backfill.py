@@ -125,13 +125,14 @@ def live_history(
     server: SimServer, simulator: Simulator, engine: Engine, root: Path
 ) -> None:
     """Several live runs while the platform changes: syncs, a filtered
-    backfill, a removal and a restoration."""
+    backfill, a removal (which takes two syncs) and a restoration."""
     config = make_config(server, simulator, root)
     run_sync(config, engine=engine)
     gone = simulator.live_tasks(*simulator.accounts()[1].key)[0].uuid
     simulator.remove_task(gone)
-    simulator.advance(6 * HOUR)
-    run_sync(config, engine=engine)
+    for _ in range(2):
+        simulator.advance(6 * HOUR)
+        run_sync(config, engine=engine)
     simulator.advance(6 * HOUR)
     run_backfill(config, engine=engine, filters=Filters(statuses=(1, 3)))
     simulator.restore_task(gone)
@@ -449,7 +450,7 @@ def test_replay_into_an_empty_database_rebuilds_the_live_history(
     summary = replay_archive(make_config(server, simulator), root, engine=engine)
 
     assert (summary.run.kind, summary.run.outcome) == ("replay", "succeeded")
-    assert (summary.walks, summary.skipped, summary.unfinished) == (24, 0, 0)
+    assert (summary.walks, summary.skipped, summary.unfinished) == (30, 0, 0)
     assert sorted_snapshot(engine) == sorted_snapshot(live)
     assert events(engine) == {"first_seen", "changed", "removed", "restored"}
 
@@ -469,7 +470,7 @@ def test_replaying_twice_changes_nothing(
 
     again = replay_archive(config, root, engine=engine)
 
-    assert (again.walks, again.skipped, again.run.pages) == (0, 24, 0)
+    assert (again.walks, again.skipped, again.run.pages) == (0, 30, 0)
     assert again.run.outcome == "succeeded"
     assert sorted_snapshot(engine) == before
 
@@ -483,7 +484,7 @@ def test_replay_into_the_database_of_the_live_runs_changes_nothing(
 
     summary = replay_archive(make_config(server, simulator), root, engine=engine)
 
-    assert (summary.walks, summary.skipped) == (0, 24)
+    assert (summary.walks, summary.skipped) == (0, 30)
     assert sorted_snapshot(engine) == before
 
 
@@ -504,7 +505,7 @@ def test_replay_catches_up_a_database_restored_from_an_older_copy(
 
     summary = replay_archive(config, root, engine=engine)
 
-    assert (summary.walks, summary.skipped) == (18, 6)
+    assert (summary.walks, summary.skipped) == (24, 6)
     assert sorted_snapshot(engine) == sorted_snapshot(live)
 
 
@@ -519,6 +520,8 @@ def test_an_unfinished_walk_is_stored_but_removes_nothing(
     run_sync(config, engine=engine)
     gone = simulator.tasks()[0]
     simulator.remove_task(gone.uuid)
+    # The first walk to miss the task flags it; the second removes it.
+    run_sync(config, engine=engine)
     run_sync(config, engine=engine)
     slug = f"{gone.user_id}_{gone.sub_user_id}" if gone.sub_user_id else gone.user_id
     (folder,) = root.glob(f"*/*-run2-{slug}-*")
@@ -527,10 +530,16 @@ def test_an_unfinished_walk_is_stored_but_removes_nothing(
 
     summary = replay_archive(make_config(server, simulator), root, engine=target)
 
-    assert (summary.walks, summary.unfinished) == (12, 1)
+    # Unfinished, the second walk flagged nothing, so the third only flags.
+    assert (summary.walks, summary.unfinished) == (18, 1)
     assert summary.run.counts.removed == 0
     assert gone.uuid in stored_live(target)
     assert stored_live(target) - {gone.uuid} == stored_live(engine)
+    with target.connect() as connection:
+        flagged = connection.execute(
+            select(tasks.c.uuid).where(tasks.c.unlisted_after.is_not(None))
+        ).scalars()
+        assert list(flagged) == [gone.uuid]
 
 
 def archived_sync(tmp_path: Path, server: SimServer, simulator: Simulator) -> Path:

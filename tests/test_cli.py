@@ -133,7 +133,7 @@ def test_unknown_command_is_a_usage_error() -> None:
     assert invoke("sink").exit_code == 2
 
 
-def test_demo_syncs_twice_into_a_fresh_file(tmp_path: Path) -> None:
+def test_demo_syncs_three_times_into_a_fresh_file(tmp_path: Path) -> None:
     path = tmp_path / "demo.db"
 
     result = invoke("demo", "--database", str(path))
@@ -144,6 +144,10 @@ def test_demo_syncs_twice_into_a_fresh_file(tmp_path: Path) -> None:
     assert lines[1].startswith("Run 1 (sync) succeeded in ")
     assert "Simulated clock moved on 6 hours; syncing again." in lines
     assert any(line.startswith("Run 2 (sync) succeeded in ") for line in lines)
+    # The third sync confirms the removals the second found, and only that.
+    third = lines.index("Syncing once more, which marks removed what both missed.")
+    assert lines[third + 1].startswith("Run 3 (sync) succeeded in ")
+    assert lines[third + 2].startswith("Tasks: 121 seen, 0 new, 0 changed, 6 removed")
     assert lines[-2].startswith("In the database: ")
     assert lines[-1].startswith(f'Try: sqlite3 {path} "SELECT status_str')
     assert path.exists()

@@ -1,10 +1,16 @@
+from datetime import datetime
+
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import Engine, inspect, select, text
 
 from etl import store
 from etl.config import DatabaseConfig
-from etl.models import metadata
+from etl.models import metadata, tasks
+
+# The revision before tasks.unlisted_after.
+LOCKS_REVISION = "a3d1c0f2b001"
 
 
 def test_migrations_create_exactly_the_models(db_url: str) -> None:
@@ -30,3 +36,41 @@ def test_migrate_twice_changes_nothing(db_url: str) -> None:
     assert {"accounts", "groups", "tasks", "task_status_changes"} <= tables
     assert {"sync_runs", "sync_rejects", "alembic_version"} <= tables
     engine.dispose()
+
+
+def test_upgrade_keeps_the_tasks_unflagged_and_downgrade_keeps_them(
+    db_url: str,
+) -> None:
+    engine = store.connect(DatabaseConfig(url=db_url))
+    upgrade_to(engine, LOCKS_REVISION)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO tasks (uuid, user_id, sub_user_id, status, raw, "
+                "content_hash, first_seen_at, last_changed_at, status_seen_at) "
+                "VALUES ('t1', 'u1', '', 2, '{}', 'h', :at, :at, :at)"
+            ),
+            {"at": datetime(2026, 12, 1, 8, 0)},
+        )
+
+    store.migrate(engine)
+
+    with engine.connect() as connection:
+        rows = connection.execute(select(tasks.c.uuid, tasks.c.unlisted_after)).all()
+    assert [tuple(row) for row in rows] == [("t1", None)]
+    upgrade_to(engine, LOCKS_REVISION, down=True)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT uuid FROM tasks")).scalars().all() == [
+            "t1"
+        ]
+    assert "unlisted_after" not in {
+        c["name"] for c in inspect(engine).get_columns("tasks")
+    }
+    engine.dispose()
+
+
+def upgrade_to(engine: Engine, revision: str, *, down: bool = False) -> None:
+    config = store._alembic_config()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        (command.downgrade if down else command.upgrade)(config, revision)

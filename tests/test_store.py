@@ -115,12 +115,13 @@ def test_duplicates_in_a_page_collapse_to_the_last(engine: Engine) -> None:
 def test_removal_and_restore_both_show_in_history(engine: Engine) -> None:
     write(engine, [item("a"), item("b")])
     run_id = runs.start_run(engine, "sync")
-    gone_at = T0 + timedelta(hours=1)
+    missed_at, gone_at = T0 + timedelta(hours=1), T0 + timedelta(hours=2)
 
-    removed = store.mark_removals(engine, run_id, ACCOUNT, {"a"}, gone_at, T0)
-    counts = write(engine, [item("a"), item("b")], T0 + timedelta(hours=2))
+    flagged = store.mark_removals(engine, run_id, ACCOUNT, {"a"}, missed_at, T0)
+    removed = store.mark_removals(engine, run_id, ACCOUNT, {"a"}, gone_at, missed_at)
+    counts = write(engine, [item("a"), item("b")], T0 + timedelta(hours=3))
 
-    assert removed == 1
+    assert (flagged, removed) == (0, 1)
     assert counts.restored == 1
     assert history(engine, "b") == [
         ("first_seen", None, 2),
@@ -129,8 +130,88 @@ def test_removal_and_restore_both_show_in_history(engine: Engine) -> None:
     ]
     assert task_row(engine, "b").removed_at is None
     assert task_row(engine, "a").removed_at is None
+    removal = only_event(engine, "removed")
+    assert (removal.old_seen_at, removal.observed_at) == (T0, gone_at)
     restored = only_event(engine, "restored")
     assert restored.old_seen_at == gone_at
+
+
+def test_a_task_one_complete_walk_missed_is_only_flagged(engine: Engine) -> None:
+    write(engine, [item("a"), item("b")])
+    run_id = runs.start_run(engine, "sync")
+    walk_began = T0 + timedelta(minutes=30)
+
+    removed = store.mark_removals(
+        engine, run_id, ACCOUNT, {"a"}, T0 + timedelta(hours=1), walk_began
+    )
+
+    assert removed == 0
+    row = task_row(engine, "b")
+    assert (row.removed_at, row.unlisted_after) == (None, walk_began)
+    assert task_row(engine, "a").unlisted_after is None
+    assert history(engine, "b") == [("first_seen", None, 2)]
+
+
+def test_a_walk_that_lists_a_flagged_task_clears_the_flag(engine: Engine) -> None:
+    write(engine, [item("a"), item("b")])
+    run_id = runs.start_run(engine, "sync")
+    walks = [T0 + timedelta(hours=hour) for hour in range(1, 4)]
+
+    counts = [
+        store.mark_removals(engine, run_id, ACCOUNT, seen, at, T0)
+        for seen, at in zip([{"a"}, {"a", "b"}, {"a"}], walks, strict=True)
+    ]
+
+    # Missed, listed, missed: never two complete walks in a row.
+    assert counts == [0, 0, 0]
+    assert task_row(engine, "b").removed_at is None
+    assert task_row(engine, "b").unlisted_after == T0
+    assert history(engine, "b") == [("first_seen", None, 2)]
+
+
+def test_a_removal_dates_its_task_from_its_last_observation(engine: Engine) -> None:
+    write(engine, [item("a")])
+    listed_at = T0 + timedelta(hours=2)
+    # Listed first by a walk that did not complete, after the last one that did.
+    write(engine, [item("b")], listed_at)
+    run_id = runs.start_run(engine, "sync")
+    missed_at, gone_at = T0 + timedelta(hours=3), T0 + timedelta(hours=4)
+
+    store.mark_removals(engine, run_id, ACCOUNT, {"a"}, missed_at, T0)
+    assert task_row(engine, "b").unlisted_after == listed_at
+    store.mark_removals(engine, run_id, ACCOUNT, {"a"}, gone_at, missed_at)
+
+    removal = only_event(engine, "removed")
+    assert (removal.old_seen_at, removal.observed_at) == (listed_at, gone_at)
+    row = task_row(engine, "b")
+    assert (row.removed_at, row.last_changed_at, row.unlisted_after) == (
+        gone_at,
+        gone_at,
+        None,
+    )
+
+
+def test_a_flagged_task_listed_again_dates_its_change_from_its_flag(
+    engine: Engine,
+) -> None:
+    write(engine, [item("a"), item("b", 2)])
+    run_id = runs.start_run(engine, "sync")
+    missed_at = T0 + timedelta(hours=1)
+    store.mark_removals(engine, run_id, ACCOUNT, {"a"}, missed_at, T0)
+    # Listed again, changed, by a walk that does not complete.
+    listed_at = T0 + timedelta(hours=2)
+
+    store.write_page(engine, run_id, batch([item("b", 1)], listed_at), missed_at)
+
+    # The walk that flagged it did not observe it: the change happened
+    # after the flag's last observation, not after that walk.
+    change = only_event(engine, "changed")
+    assert (change.old_seen_at, change.observed_at) == (T0, listed_at)
+    assert task_row(engine, "b").unlisted_after == listed_at
+    gone_at = T0 + timedelta(hours=3)
+    store.mark_removals(engine, run_id, ACCOUNT, {"a"}, gone_at, missed_at)
+    removal = only_event(engine, "removed")
+    assert (removal.old_status, removal.old_seen_at) == (1, listed_at)
 
 
 def test_stored_times_come_back_to_the_microsecond(engine: Engine) -> None:
@@ -149,12 +230,14 @@ def test_removal_touches_only_the_account_walked(engine: Engine) -> None:
     write(engine, [item("a")])
     run_id = runs.start_run(engine, "sync")
 
-    removed = store.mark_removals(
-        engine, run_id, Account("main-1", "other"), set(), T0, None
-    )
+    removed = [
+        store.mark_removals(engine, run_id, Account("main-1", "other"), set(), at, None)
+        for at in (T0, T0 + timedelta(hours=1))
+    ]
 
-    assert removed == 0
-    assert task_row(engine, "a").removed_at is None
+    assert removed == [0, 0]
+    row = task_row(engine, "a")
+    assert (row.removed_at, row.unlisted_after) == (None, None)
 
 
 def test_text_is_stored_whole_and_without_nul(engine: Engine) -> None:

@@ -235,7 +235,9 @@ def _keys(table: Table) -> Iterator[str]:
     yield f"Primary key: ({key})."
     for index in sorted(table.indexes, key=lambda index: str(index.name)):
         columns = ", ".join(column.name for column in index.columns)
-        yield f"Index `{index.name}`: ({columns})."
+        where = index.dialect_options["postgresql"]["where"]
+        rows = f", of the rows where {where}" if where is not None else ""
+        yield f"Index `{index.name}`: ({columns}){rows}."
     for foreign_key in sorted(table.foreign_keys, key=lambda key: key.parent.name):
         yield f"`{foreign_key.parent.name}` refers to `{foreign_key.target_fullname}`."
 

@@ -29,6 +29,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeDecorator
@@ -200,6 +201,15 @@ tasks = Table(
     Index(None, "user_id", "sub_user_id", "removed_at", "status"),
     Index(None, "removed_at", "status"),
     Index(None, "status"),
+    # Every complete walk reads its account's flagged tasks; partial, the
+    # index holds those few only, where a scan read every task of the account.
+    Index(
+        "ix_tasks_flagged",
+        "user_id",
+        "sub_user_id",
+        sqlite_where=text("unlisted_after IS NOT NULL"),
+        postgresql_where=text("unlisted_after IS NOT NULL"),
+    ),
     comment="one row per task, by uuid, as last listed; removed tasks are kept",
 )
 

@@ -829,13 +829,16 @@ def mark_removals(
     listed = owned & tasks.c.removed_at.is_(None)
     try:
         with engine.begin() as connection:
+            # Only listed tasks are ever flagged, so this reads the partial
+            # index alone: with `removed_at` in the query, SQLite chose the
+            # account's index and read every task of the account.
             flagged = connection.execute(
                 select(
                     tasks.c.uuid,
                     tasks.c.status,
                     tasks.c.status_str,
                     tasks.c.unlisted_after,
-                ).where(listed, tasks.c.unlisted_after.is_not(None))
+                ).where(owned, tasks.c.unlisted_after.is_not(None))
             ).all()
             gone = [row for row in flagged if row.uuid not in seen]
             back = [row.uuid for row in flagged if row.uuid in seen]

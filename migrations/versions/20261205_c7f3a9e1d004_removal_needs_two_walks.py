@@ -37,7 +37,17 @@ def upgrade() -> None:
             "marks it removed; empty while listed",
         ),
     )
+    # Partial: it holds only the few flagged tasks, which every complete
+    # walk reads, and costs nothing to the writes of the others.
+    op.create_index(
+        "ix_tasks_flagged",
+        "tasks",
+        ["user_id", "sub_user_id"],
+        sqlite_where=sa.text("unlisted_after IS NOT NULL"),
+        postgresql_where=sa.text("unlisted_after IS NOT NULL"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_tasks_flagged", table_name="tasks")
     op.drop_column("tasks", "unlisted_after")

@@ -18,6 +18,7 @@ from synced import sync_config
 
 from etl import locks, runs, store
 from etl.accounts import Account
+from etl.client import Page
 from etl.config import (
     Config,
     DatabaseConfig,
@@ -27,11 +28,12 @@ from etl.errors import LockBusyError, LockLostError
 from etl.models import account_locks, sync_run_accounts, sync_runs, tasks
 from etl.report import describe_run
 from etl.simulator import SimServer, Simulator
-from etl.sync import run_sync
+from etl.sync import parse_page, run_sync
 
 HOST = socket.gethostname()
 ACCOUNT = Account("main-1", "sub-1")
 PREVIOUS_REVISION = "b5e7d2c4a002"
+TASK_LIST = "/agent-api/user/{user_id}/task"
 
 HOLDER = """
 import sys, time
@@ -363,6 +365,29 @@ def test_runs_of_processes_that_are_gone_are_abandoned(engine: Engine) -> None:
         name: case[-1] for name, case in GONE_OR_NOT.items()
     }
     assert abandoned == 3
+
+
+def test_an_abandoned_run_counts_what_it_stored(engine: Engine) -> None:
+    run_id = runs.start_run(engine, "sync")
+    at = runs.now()
+    items = [{"uuid": f"t{n}", "status": 2} for n in range(3)] + [{"name": "no id"}]
+    page = Page(ACCOUNT, TASK_LIST, 1, tuple(items), 4, 1, 15, at, b"")
+    store.write_page(engine, run_id, parse_page(page, UTC), None)
+    runs.record_walk(
+        engine, run_id, ACCOUNT, outcome="succeeded", started=at, pages=1, tasks_seen=4
+    )
+    with engine.begin() as connection:
+        connection.execute(
+            sync_runs.update().where(sync_runs.c.id == run_id).values(pid=dead_pid())
+        )
+
+    assert runs.abandon_dead_runs(engine) == 1
+
+    with engine.connect() as connection:
+        run = connection.execute(select_rows(sync_runs)).one()
+    counted = (run.accounts, run.pages, run.tasks_seen, run.tasks_new)
+    assert (run.outcome, *counted) == ("abandoned", 1, 1, 4, 3)
+    assert (run.status_changes, run.rejected, run.tasks_removed) == (3, 1, 0)
 
 
 def test_upgrade_keeps_the_runs_and_a_crashed_one_is_abandoned(db_url: str) -> None:

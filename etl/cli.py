@@ -257,8 +257,20 @@ def backfill(
     help="Exit 5 when the newest good sync is older than this (90s, 30m, 2h, "
     "1d) or there is none: a check for monitoring.",
 )
+@click.option(
+    "--max-complete-age",
+    metavar="DURATION",
+    callback=lambda _ctx, _param, value: _max_age(value),
+    help="Exit 5 when some account's last complete walk, the only kind that "
+    "finds removals, is older than this or there is none.",
+)
 @click.pass_context
-def status(ctx: click.Context, limit: int, max_age: timedelta | None) -> None:
+def status(
+    ctx: click.Context,
+    limit: int,
+    max_age: timedelta | None,
+    max_complete_age: timedelta | None,
+) -> None:
     """Recent runs, failing accounts and the age of the last good sync."""
 
     def action() -> int:
@@ -266,14 +278,21 @@ def status(ctx: click.Context, limit: int, max_age: timedelta | None) -> None:
         engine = store.connect(config.database)
         store.check_schema(engine)
         click.echo(report.describe_status(engine, limit))
-        if max_age is None:
-            return EXIT_OK
         main_user_ids = [main.user_id for main in config.accounts]
-        problem = report.check_freshness(engine, max_age, main_user_ids=main_user_ids)
-        if problem:
+        checks = [
+            (max_age, report.GOOD_SYNC),
+            (max_complete_age, report.COMPLETE_WALK),
+        ]
+        problems = [
+            report.check_freshness(
+                engine, age, main_user_ids=main_user_ids, freshness=freshness
+            )
+            for age, freshness in checks
+            if age is not None
+        ]
+        for problem in filter(None, problems):
             click.echo(f"Error: {problem}", err=True)
-            return EXIT_STALE
-        return EXIT_OK
+        return EXIT_STALE if any(problems) else EXIT_OK
 
     run_command(ctx, action)
 

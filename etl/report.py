@@ -12,6 +12,7 @@ import re
 import threading
 import time
 from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, TextIO
@@ -137,13 +138,41 @@ def newest_success(engine: Engine) -> datetime | None:
     return value
 
 
+@dataclass(frozen=True)
+class Freshness:
+    """What `check_freshness` holds every account's last moment of to an age."""
+
+    column: str
+    option: str
+    what: str
+    never: str
+
+
+GOOD_SYNC = Freshness(
+    "last_success_at",
+    "--max-age",
+    "good sync",
+    "no account has ever synced successfully",
+)
+# Only a complete walk settles removals: an account whose walks succeed but
+# never complete keeps listing tasks that the platform dropped.
+COMPLETE_WALK = Freshness(
+    "last_complete_at",
+    "--max-complete-age",
+    "complete walk",
+    "no account has ever had a complete walk",
+)
+
+
 def check_freshness(
     engine: Engine,
     max_age: timedelta,
     now: datetime | None = None,
     main_user_ids: Collection[str] | None = None,
+    freshness: Freshness = GOOD_SYNC,
 ) -> str | None:
-    """Why some account has no good sync within `max_age`; None when all do.
+    """Why some account has no good sync (or `freshness`'s other moment)
+    within `max_age`; None when all do.
 
     Every account counts, not only the newest success: an account failing
     for ever must not hide behind the others. `main_user_ids`, the
@@ -151,49 +180,49 @@ def check_freshness(
     longer configured, and a configured one with no row counts as never
     synced.
     """
-    successes = _last_successes(engine, main_user_ids)
-    if all(success is None for success in successes.values()):
-        return "no account has ever synced successfully"
+    moments = _last_moments(engine, main_user_ids, freshness.column)
+    if all(moment is None for moment in moments.values()):
+        return freshness.never
     now = now or runs.now()
     stale = [
-        (label, success)
-        for label, success in successes.items()
-        if success is None or now - success > max_age
+        (label, moment)
+        for label, moment in moments.items()
+        if moment is None or now - moment > max_age
     ]
     if not stale:
         return None
     # The never synced first, then the oldest: the ones to look at first.
     stale.sort(key=lambda item: (item[1] is not None, item[1] or now, item[0]))
     shown = ", ".join(
-        f"{label} ({_last_success(success, now)})"
-        for label, success in stale[:STALE_SHOWN]
+        f"{label} ({_last_moment(moment, now)})"
+        for label, moment in stale[:STALE_SHOWN]
     )
     more = f" and {len(stale) - STALE_SHOWN} more" if len(stale) > STALE_SHOWN else ""
     return (
-        f"{len(stale)} of {len(successes)} accounts had no good sync within "
-        f"--max-age {describe_age(max_age)}: {shown}{more}"
+        f"{len(stale)} of {len(moments)} accounts had no {freshness.what} within "
+        f"{freshness.option} {describe_age(max_age)}: {shown}{more}"
     )
 
 
-def _last_success(success: datetime | None, now: datetime) -> str:
-    return f"last {describe_age(now - success)} ago" if success else "never"
+def _last_moment(moment: datetime | None, now: datetime) -> str:
+    return f"last {describe_age(now - moment)} ago" if moment else "never"
 
 
-def _last_successes(
-    engine: Engine, main_user_ids: Collection[str] | None
+def _last_moments(
+    engine: Engine, main_user_ids: Collection[str] | None, column: str
 ) -> dict[str, datetime | None]:
-    """Each account's last success by label, of the given main accounts."""
+    """Each account's moment in `column` by label, of the given main accounts."""
     query = select(accounts).order_by(accounts.c.user_id, accounts.c.sub_user_id)
     if main_user_ids is not None:
         query = query.where(accounts.c.user_id.in_(main_user_ids))
     with engine.connect() as connection:
         rows = connection.execute(query).mappings().all()
-    successes = {_label(row): row["last_success_at"] for row in rows}
+    moments = {_label(row): row[column] for row in rows}
     known = {row["user_id"] for row in rows}
     for user_id in main_user_ids or ():
         if user_id not in known:
-            successes[user_id] = None
-    return successes
+            moments[user_id] = None
+    return moments
 
 
 def parse_duration(text: str) -> timedelta:

@@ -304,3 +304,43 @@ def test_status_shows_when_each_account_last_had_a_complete_walk(
         if line.startswith("  ") and "#" not in line
     ]
     assert rows and all("last complete walk 20" in line for line in rows)
+
+
+def test_max_complete_age_names_accounts_whose_walks_succeed_but_never_complete(
+    config: str, simulator: Simulator
+) -> None:
+    main = simulator.main_user_ids()[0]
+    assert invoke("--config", config, "sync").exit_code == 0
+    fresh = invoke("--config", config, "status", "--max-complete-age", "1h")
+    with later(2 * 3600):
+        # Filtered pulls succeed, and say nothing of which tasks are gone.
+        pulled = invoke(
+            "--config", config, "backfill", "--account", main, "--name", "x"
+        )
+    with later(2 * 3600 + 60):
+        both = invoke(
+            "--config", config, "status", "--max-age", "1h", "--max-complete-age", "1h"
+        )
+
+    assert (fresh.exit_code, fresh.stderr) == (0, "")
+    assert pulled.exit_code == 0, pulled.output
+    assert both.exit_code == EXIT_STALE
+    errors = both.stderr.splitlines()
+    every = len(simulator.accounts())
+    stale = labels(simulator, main)
+    assert errors[0].startswith(
+        f"Error: {every - len(stale)} of {every} accounts had no good sync within "
+        "--max-age 1 h: "
+    )
+    assert errors[1].startswith(
+        f"Error: {every} of {every} accounts had no complete walk within "
+        "--max-complete-age 1 h: "
+    )
+    assert len(errors) == 2
+
+
+def test_max_complete_age_exits_5_when_no_walk_ever_completed(config: str) -> None:
+    result = invoke("--config", config, "status", "--max-complete-age", "1d")
+
+    assert result.exit_code == EXIT_STALE
+    assert result.stderr == "Error: no account has ever had a complete walk\n"

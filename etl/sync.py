@@ -365,10 +365,14 @@ class _Run:
             self.errors.append(message)
         for account in cut:
             state = self.states[account]
+            if self.halted_by == "deadline":
+                # Counted failed even if never begun: the run was due to
+                # sync it and did not, and the summary must not say none
+                # failed. Its record is left alone, as no walk began.
+                state.failed = True
+                state.error = state.error or "deadline exceeded"
             if state.walk_started is None:
                 continue
-            if self.halted_by == "deadline":
-                state.failed, state.error = True, "deadline exceeded"
             outcome = "failed" if state.failed else "stopped"
             runs.record_account(
                 self.engine,

@@ -495,3 +495,27 @@ def test_a_stop_or_the_deadline_cuts_a_retry_sleep_short(
     assert (summary.outcome, summary.pages) == (outcome, 0)
     if halt == "deadline":
         assert "deadline exceeded" in summary.errors[-1]
+
+
+def test_the_deadline_counts_the_accounts_it_left_unwalked_as_failed(
+    unavailable: str, engine: Engine
+) -> None:
+    config = Config(
+        database=DatabaseConfig(),
+        api=ApiConfig(base_url=unavailable, token=TOKEN, parallelism=1),
+        accounts=tuple(MainAccount(user_id=f"main-{n}") for n in range(3)),
+    )
+
+    summary = run_sync(config, engine=engine, deadline=0.5)
+
+    # One walk began and waits out a Retry-After; two never began.
+    assert (summary.outcome, summary.accounts, summary.accounts_failed) == (
+        "failed",
+        3,
+        3,
+    )
+    with engine.connect() as connection:
+        walks = connection.execute(select(sync_run_accounts)).all()
+    assert [(walk.outcome, walk.error) for walk in walks] == [
+        ("failed", "deadline exceeded")
+    ]

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 from etl.accounts import ID_LENGTH
 from etl.errors import ConfigError
 
@@ -82,6 +85,8 @@ class MainAccount:
 class DatabaseConfig:
     url: str = "sqlite:///task-etl.db"
     busy_timeout: float = 30.0
+    # Where the URL came from, to name in errors: the file or the environment.
+    source: str = "database.url"
 
 
 @dataclass(frozen=True)
@@ -216,11 +221,37 @@ def _read_archive(reader: _Reader, is_present: bool) -> ArchiveConfig | None:
 def _read_database(reader: _Reader, environ: Mapping[str, str]) -> DatabaseConfig:
     reader.check_keys({"url", "busy_timeout"})
     default = DatabaseConfig()
-    url = environ.get(DATABASE_ENV) or reader.get("url", str, default.url)
+    if environ.get(DATABASE_ENV):
+        url, source = environ[DATABASE_ENV], DATABASE_ENV
+    else:
+        url, source = reader.get("url", str, default.url), default.source
+    problem = _database_url_problem(url)
+    if problem and source == DATABASE_ENV:
+        raise ConfigError(problem, key=DATABASE_ENV)
+    if problem:
+        reader.fail("url", problem)
     return DatabaseConfig(
         url=url,
         busy_timeout=reader.positive("busy_timeout", default.busy_timeout),
+        source=source,
     )
+
+
+def _database_url_problem(url: str) -> str | None:
+    """Why `url` cannot name a database of ours; None when it can.
+
+    Never quotes the URL, which may hold a password.
+    """
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        return (
+            "not a database URL; expected sqlite:///PATH or "
+            "postgresql+psycopg://USER@HOST/DATABASE"
+        )
+    if backend not in ("sqlite", "postgresql"):
+        return f"{backend} is not supported; use SQLite or PostgreSQL"
+    return None
 
 
 def _read_api(reader: _Reader, environ: Mapping[str, str], tokens: bool) -> ApiConfig:

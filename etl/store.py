@@ -136,7 +136,7 @@ def connect(database: DatabaseConfig) -> Engine:
     try:
         engine = create_engine(database.url, pool_pre_ping=True)
     except (SQLAlchemyError, ValueError, ImportError) as exc:
-        raise StoreError(f"database.url: cannot use it: {exc}") from None
+        raise StoreError(f"{database.source}: cannot use it: {exc}") from None
     if engine.dialect.name == "sqlite":
         _tune_sqlite(engine, database.busy_timeout)
     return engine

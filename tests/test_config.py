@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from etl import config
-from etl.errors import ConfigError
+from etl import config, store
+from etl.errors import ConfigError, StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +50,23 @@ def test_environment_overrides_token_and_database(tmp_path: Path) -> None:
 
     assert loaded.api.token == "env-token"
     assert loaded.database.url == "sqlite://"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("mysql://etl:s3cret@db/tasks", "mysql is not supported"),
+        ("s3cret", "not a database URL"),
+    ],
+)
+def test_a_bad_database_url_from_the_environment_is_named_so(
+    tmp_path: Path, url: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        config.load(write(tmp_path, MINIMAL), {"TASK_ETL_DATABASE_URL": url})
+
+    assert str(raised.value).startswith(f"TASK_ETL_DATABASE_URL: {message}")
+    assert "s3cret" not in str(raised.value)
 
 
 def test_token_per_main_account(tmp_path: Path) -> None:
@@ -211,6 +228,14 @@ def test_tokens_are_not_in_the_repr(tmp_path: Path) -> None:
         ),
         (MINIMAL + "[surprise]\n", "surprise: unknown key"),
         ("[api\n", "cannot read"),
+        (
+            '[database]\nurl = "mysql://etl:pw@db/tasks"\n' + MINIMAL,
+            "database.url: mysql is not supported; use SQLite or PostgreSQL",
+        ),
+        (
+            '[database]\nurl = "tasks.db"\n' + MINIMAL,
+            "database.url: not a database URL; expected sqlite:///PATH",
+        ),
     ],
     ids=[
         "unknown-account-key",
@@ -228,6 +253,8 @@ def test_tokens_are_not_in_the_repr(tmp_path: Path) -> None:
         "bad-endpoint",
         "unknown-table",
         "not-toml",
+        "unsupported-database",
+        "not-a-database-url",
     ],
 )
 def test_bad_files_name_the_key_and_the_file(
@@ -418,3 +445,16 @@ def test_bad_schedule_and_locks_name_the_key_and_the_file(
         config.load(path, {})
 
     assert str(raised.value).startswith(f"{path}: {message}")
+
+
+def test_a_database_driver_that_is_missing_names_where_the_url_came_from(
+    tmp_path: Path,
+) -> None:
+    environ = {"TASK_ETL_DATABASE_URL": "postgresql+nosuchdriver://etl:s3cret@db/tasks"}
+    loaded = config.load(write(tmp_path, MINIMAL), environ)
+
+    with pytest.raises(StoreError) as raised:
+        store.connect(loaded.database)
+
+    assert str(raised.value).startswith("TASK_ETL_DATABASE_URL: cannot use it: ")
+    assert "s3cret" not in str(raised.value)

@@ -593,7 +593,8 @@ class _Run:
         # One moment for the end marker, the removals and the account's
         # record, so that a replay of the archive reproduces all three.
         ended = runs.now()
-        complete = self._archive_end(end.account, complete, ended)
+        recorder = self.recorders.pop(end.account, None)
+        complete = self._archive_end(recorder, end.account, complete, ended)
         if complete:
             try:
                 removed = store.mark_removals(
@@ -608,6 +609,10 @@ class _Run:
                 # The pages are stored; the next complete walk marks removals.
                 self._fail(end.account, str(exc))
                 complete, removed = False, 0
+                # The marker says complete: a replay would settle the tasks
+                # this run could not, and count the walk as one of the two
+                # complete walks a removal needs.
+                self._archive_end(recorder, end.account, complete, ended)
             self.counts.removed += removed
             self.counts.status_changes += removed
         outcome = "failed" if state.failed else "succeeded"
@@ -628,10 +633,15 @@ class _Run:
         self.walks_ended += 1
         self._report_progress()
 
-    def _archive_end(self, account: Account, complete: bool, ended: datetime) -> bool:
+    def _archive_end(
+        self,
+        recorder: archive.WalkRecorder | None,
+        account: Account,
+        complete: bool,
+        ended: datetime,
+    ) -> bool:
         """Write the walk's end marker; if that fails, so does the account."""
         state = self.states[account]
-        recorder = self.recorders.pop(account, None)
         if recorder is None:
             return complete
         try:

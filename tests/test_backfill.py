@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
 from synced import sync_config
 
 from etl import store
@@ -506,6 +506,38 @@ def test_replay_catches_up_a_database_restored_from_an_older_copy(
     summary = replay_archive(config, root, engine=engine)
 
     assert (summary.walks, summary.skipped) == (24, 6)
+    assert sorted_snapshot(engine) == sorted_snapshot(live)
+
+
+def test_a_walk_whose_removals_failed_is_replayed_as_it_ran(
+    tmp_path: Path,
+    simulator: Simulator,
+    server: SimServer,
+    live: Engine,
+    engine: Engine,
+) -> None:
+    root = tmp_path / "archive"
+    config = make_config(server, simulator, root)
+    run_sync(config, engine=live)
+    gone = simulator.tasks()[0]
+    simulator.remove_task(gone.uuid)
+    run_sync(config, engine=live)
+    with live.begin() as connection:
+        connection.execute(
+            text(
+                "CREATE TRIGGER refuse_removal BEFORE UPDATE OF removed_at ON tasks "
+                "WHEN NEW.removed_at IS NOT NULL "
+                "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+            )
+        )
+    refused = run_sync(config, engine=live)
+
+    summary = replay_archive(make_config(server, simulator), root, engine=engine)
+
+    assert (refused.outcome, refused.accounts_failed) == ("partial", 1)
+    # The walk counted as complete in neither: the task is still only flagged.
+    assert summary.run.counts.removed == 0
+    assert gone.uuid in stored_live(engine)
     assert sorted_snapshot(engine) == sorted_snapshot(live)
 
 

@@ -33,6 +33,7 @@ from sqlalchemy import (
     event,
     insert,
     literal,
+    null,
     select,
     update,
 )
@@ -235,8 +236,14 @@ class PageWriter:
         connection = self._connection
         with connection.begin():
             driver = _DriverValues(connection.dialect.name)
-            stored = _read_stored(connection, driver, listed)
-            plan = _plan(run_id, batch, listed, stored, previous_complete, driver)
+            stored, unchanged, flagged = _read_stored(connection, driver, listed)
+            plan = _plan(
+                run_id, batch, listed, (stored, unchanged), previous_complete, driver
+            )
+            # Listed unchanged, a flagged task is not rewritten; but it was
+            # observed now, which its flag must say, or a removal by the next
+            # complete walk would date its last sighting too early.
+            _update_each(connection, flagged, unlisted_after=batch.fetched_at)
             # A group renamed changes the tasks that embed it, so the groups
             # of the tasks written are all that can need an upsert.
             found = _new_groups(plan.written, self._groups)
@@ -291,20 +298,23 @@ def _deduplicate(listed: Iterable[Listed]) -> list[Listed]:
 
 def _read_stored(
     connection: Connection, driver: _DriverValues, listed: list[Listed]
-) -> tuple[dict[str, _Stored], set[str]]:
-    """The stored rows of the listed tasks that may have changed, and the
-    uuids of those that did not; only the rows that differ get their times
-    converted."""
+) -> tuple[dict[str, _Stored], set[str], list[str]]:
+    """The stored rows of the listed tasks that may have changed, the uuids
+    of those that did not, and of those among them that are flagged (see
+    `mark_removals`); only the rows that differ get their times converted."""
     listed_hashes = {task.uuid: task.content_hash for task in listed}
     unchanged: set[str] = set()
+    flagged: list[str] = []
     stored: dict[str, _Stored] = {}
     for row in _stored_rows(connection, list(listed_hashes)):
-        uuid, _, content_hash, removed_at, *_ = row
+        uuid, _, content_hash, removed_at, _, _, unlisted_after = row
         if removed_at is None and content_hash == listed_hashes[uuid]:
             unchanged.add(uuid)
+            if unlisted_after is not None:
+                flagged.append(uuid)
         else:
             stored[uuid] = _Stored.read(driver, row)
-    return stored, unchanged
+    return stored, unchanged, flagged
 
 
 class _Stored(NamedTuple):
@@ -577,9 +587,16 @@ def _task_upsert(dialect: str) -> Any:
     statement = _dialect_insert(dialect, tasks)
     excluded = statement.excluded
     kept = {"uuid", "first_seen_at"}
+    values = {c.name: excluded[c.name] for c in tasks.c if c.name not in kept}
+    # A flag says the owner's last complete walk missed the task: a task that
+    # moved to another account is listed there, and keeps no flag.
+    same_owner = (tasks.c.user_id == excluded.user_id) & (
+        tasks.c.sub_user_id == excluded.sub_user_id
+    )
+    values["unlisted_after"] = case((same_owner, excluded.unlisted_after), else_=null())
     return statement.on_conflict_do_update(
         index_elements=[tasks.c.uuid],
-        set_={c.name: excluded[c.name] for c in tasks.c if c.name not in kept},
+        set_=values,
         # Repeats the planner's decision in SQL, so a row another writer
         # changed meanwhile is still compared, not blindly overwritten.
         where=tasks.c.content_hash.is_distinct_from(excluded.content_hash)

@@ -214,6 +214,42 @@ def test_a_flagged_task_listed_again_dates_its_change_from_its_flag(
     assert (removal.old_status, removal.old_seen_at) == (1, listed_at)
 
 
+def test_a_flagged_task_listed_again_unchanged_was_observed_then(
+    engine: Engine,
+) -> None:
+    write(engine, [item("a"), item("b")])
+    run_id = runs.start_run(engine, "sync")
+    missed_at = T0 + timedelta(hours=1)
+    store.mark_removals(engine, run_id, ACCOUNT, {"a"}, missed_at, T0)
+    listed_at = T0 + timedelta(hours=2)
+
+    counts = write(engine, [item("b")], listed_at)
+
+    assert (counts.changed, counts.status_changes) == (0, 0)
+    assert task_row(engine, "b").unlisted_after == listed_at
+    gone_at = T0 + timedelta(hours=3)
+    store.mark_removals(engine, run_id, ACCOUNT, {"a"}, gone_at, missed_at)
+    assert only_event(engine, "removed").old_seen_at == listed_at
+
+
+def test_a_flagged_task_that_moved_to_another_account_loses_its_flag(
+    engine: Engine,
+) -> None:
+    write(engine, [item("a"), item("b")])
+    run_id = runs.start_run(engine, "sync")
+    store.mark_removals(engine, run_id, ACCOUNT, {"a"}, T0 + timedelta(hours=1), T0)
+    other = Account("main-1", "sub-2")
+    zone = ZoneInfo("Asia/Shanghai")
+    moved = parse_task(item("b", name="moved"), other, zone)
+    page = PageBatch(other, "/agent-api/user/{user_id}/task", 1, T0, [moved])
+
+    store.write_page(engine, run_id, page, None)
+
+    row = task_row(engine, "b")
+    # Its old account's walk missed it; the new one's has not yet.
+    assert (row.sub_user_id, row.unlisted_after) == ("sub-2", None)
+
+
 def test_stored_times_come_back_to_the_microsecond(engine: Engine) -> None:
     first = T0 + timedelta(microseconds=123456)
     write(engine, [item("a", 2)], first)

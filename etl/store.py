@@ -838,7 +838,8 @@ def mark_removals(
     one onto it) hides a live task from that one walk, and nothing in the
     walk shows it; the next walk lists it again. So a task the walk missed
     is first only flagged, with when it was last observed listed
-    (`unlisted_after`), and a walk that lists it clears the flag.
+    (`unlisted_after`). The next complete walk that lists it clears the
+    flag; a page of any other walk that lists it moves the flag's time on.
     """
     owned = (tasks.c.user_id == account.user_id) & (
         tasks.c.sub_user_id == account.sub_user_id

@@ -225,7 +225,7 @@ def _read_database(reader: _Reader, environ: Mapping[str, str]) -> DatabaseConfi
         url, source = environ[DATABASE_ENV], DATABASE_ENV
     else:
         url, source = reader.get("url", str, default.url), default.source
-    problem = _database_url_problem(url)
+    problem = database_url_problem(url)
     if problem and source == DATABASE_ENV:
         raise ConfigError(problem, key=DATABASE_ENV)
     if problem:
@@ -237,14 +237,16 @@ def _read_database(reader: _Reader, environ: Mapping[str, str]) -> DatabaseConfi
     )
 
 
-def _database_url_problem(url: str) -> str | None:
+def database_url_problem(url: str) -> str | None:
     """Why `url` cannot name a database of ours; None when it can.
 
-    Never quotes the URL, which may hold a password.
+    Never quotes the URL, nor the parser's message, which quotes the part
+    it could not read: a password holding an @ or a colon is read as host
+    and port, and the message quoted the password.
     """
     try:
         backend = make_url(url).get_backend_name()
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return (
             "not a database URL; expected sqlite:///PATH or "
             "postgresql+psycopg://USER@HOST/DATABASE"

@@ -234,7 +234,10 @@ def parse_duration(text: str) -> timedelta:
             "(90s, 30m, 2h, 1d)"
         )
     number, unit = match.groups()
-    return timedelta(seconds=int(number) * DURATION_UNITS[unit.lower()])
+    try:
+        return timedelta(seconds=int(number) * DURATION_UNITS[unit.lower()])
+    except OverflowError:
+        raise ValueError(f"{text!r} is longer than any duration can be") from None
 
 
 def describe_age(age: timedelta) -> str:

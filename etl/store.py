@@ -41,7 +41,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
 from etl.accounts import Account
-from etl.config import DatabaseConfig
+from etl.config import DatabaseConfig, database_url_problem
 from etl.errors import StoreError
 from etl.models import groups, sync_rejects, task_status_changes, tasks
 from etl.parse import GroupRecord, ListedTask, TaskRecord, payload_json
@@ -134,6 +134,9 @@ class _Plan:
 
 def connect(database: DatabaseConfig) -> Engine:
     """An engine for the configured database, tuned per dialect."""
+    problem = database_url_problem(database.url)
+    if problem is not None:
+        raise StoreError(f"{database.source}: {problem}")
     try:
         engine = create_engine(database.url, pool_pre_ping=True)
     except (SQLAlchemyError, ValueError, ImportError) as exc:

@@ -57,6 +57,8 @@ def test_environment_overrides_token_and_database(tmp_path: Path) -> None:
     [
         ("mysql://etl:s3cret@db/tasks", "mysql is not supported"),
         ("s3cret", "not a database URL"),
+        # Read as a host and a port: the parser's message quoted the password.
+        ("postgresql+psycopg://etl:p@ss:s3cret@127.0.0.1/tasks", "not a database URL"),
     ],
 )
 def test_a_bad_database_url_from_the_environment_is_named_so(
@@ -236,6 +238,10 @@ def test_tokens_are_not_in_the_repr(tmp_path: Path) -> None:
             '[database]\nurl = "tasks.db"\n' + MINIMAL,
             "database.url: not a database URL; expected sqlite:///PATH",
         ),
+        (
+            '[database]\nurl = "postgresql://etl:p@ss:pw@db/tasks"\n' + MINIMAL,
+            "database.url: not a database URL; expected sqlite:///PATH",
+        ),
     ],
     ids=[
         "unknown-account-key",
@@ -255,6 +261,7 @@ def test_tokens_are_not_in_the_repr(tmp_path: Path) -> None:
         "not-toml",
         "unsupported-database",
         "not-a-database-url",
+        "password-read-as-port",
     ],
 )
 def test_bad_files_name_the_key_and_the_file(
@@ -445,6 +452,16 @@ def test_bad_schedule_and_locks_name_the_key_and_the_file(
         config.load(path, {})
 
     assert str(raised.value).startswith(f"{path}: {message}")
+
+
+def test_connecting_checks_the_url_and_never_quotes_it() -> None:
+    database = config.DatabaseConfig(url="postgresql://etl:p@ss:s3cret@db/tasks")
+
+    with pytest.raises(StoreError) as raised:
+        store.connect(database)
+
+    assert str(raised.value).startswith("database.url: not a database URL")
+    assert "s3cret" not in str(raised.value)
 
 
 def test_a_database_driver_that_is_missing_names_where_the_url_came_from(

@@ -234,6 +234,19 @@ def test_a_bad_max_age_is_a_usage_error(config: str, value: str) -> None:
     )
 
 
+@pytest.mark.parametrize("option", ["--max-age", "--max-complete-age"])
+def test_a_duration_too_long_for_a_date_is_a_usage_error(
+    config: str, option: str
+) -> None:
+    result = invoke("--config", config, "status", option, "99999999999d")
+
+    assert result.exit_code == 2
+    assert (
+        f"Invalid value for '{option}': '99999999999d' is longer than any "
+        "duration can be"
+    ) in " ".join(result.stderr.split())
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [("90s", 90), ("30m", 1800), ("2h", 7200), ("1d", 86400), (" 5M ", 300)],

@@ -12,13 +12,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, Engine, func, select, update
 
 from etl.accounts import Account
-from etl.models import (
-    accounts,
-    sync_rejects,
-    sync_run_accounts,
-    sync_runs,
-    task_status_changes,
-)
+from etl.models import accounts, sync_run_accounts, sync_runs
 from etl.store import PageCounts, _insert_statement
 
 log = logging.getLogger(__name__)
@@ -81,7 +75,7 @@ def abandon_dead_runs(engine: Engine, lease: float = 60.0) -> int:
                 .values(
                     outcome="abandoned",
                     finished_at=now(),
-                    **_counts_left_by(connection, run_id),
+                    accounts=_walks_finished(connection, run_id),
                 )
             )
     for run_id in dead:
@@ -91,43 +85,18 @@ def abandon_dead_runs(engine: Engine, lease: float = 60.0) -> int:
     return len(dead)
 
 
-def _counts_left_by(connection: Connection, run_id: int) -> dict[str, int]:
-    """A dead run's counts, from the rows it committed before it died.
+def _walks_finished(connection: Connection, run_id: int) -> int:
+    """How many walks a run finished, each of which left a row.
 
-    Its pages and their history rows are stored, and point to it; counts of
-    zero would say it did nothing. Walks it did not finish left no
-    `sync_run_accounts` row, and a changed item whose status held left no
-    history row: those counts are lower bounds.
+    A dead run's row holds the counts of every page it committed, added as
+    each committed (see `store.PageWriter`); its accounts are counted only
+    when it ends, so for a dead one the walks it finished stand in.
     """
-    events: dict[str, int] = {
-        event: count
-        for event, count in connection.execute(
-            select(task_status_changes.c.event, func.count())
-            .where(task_status_changes.c.run_id == run_id)
-            .group_by(task_status_changes.c.event)
-        )
-    }
-    walks = connection.execute(
-        select(
-            func.count(),
-            func.coalesce(func.sum(sync_run_accounts.c.pages), 0),
-            func.coalesce(func.sum(sync_run_accounts.c.tasks_seen), 0),
-        ).where(sync_run_accounts.c.run_id == run_id)
-    ).one()
-    rejected = connection.execute(
-        select(func.count()).where(sync_rejects.c.run_id == run_id)
-    ).scalar_one()
-    return {
-        "accounts": walks[0],
-        "pages": walks[1],
-        "tasks_seen": walks[2],
-        "tasks_new": events.get("first_seen", 0),
-        "tasks_changed": events.get("changed", 0),
-        "tasks_removed": events.get("removed", 0),
-        "tasks_restored": events.get("restored", 0),
-        "status_changes": sum(events.values()),
-        "rejected": rejected,
-    }
+    return int(
+        connection.execute(
+            select(func.count()).where(sync_run_accounts.c.run_id == run_id)
+        ).scalar_one()
+    )
 
 
 def is_alive(pid: int) -> bool:

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import importlib
 import logging
+import math
 import os
 import sqlite3
 from array import array
@@ -19,6 +20,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from time import monotonic
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -43,7 +45,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from etl.accounts import Account
 from etl.config import DatabaseConfig, database_url_problem
 from etl.errors import StoreError
-from etl.models import groups, sync_rejects, task_status_changes, tasks
+from etl.models import groups, sync_rejects, sync_runs, task_status_changes, tasks
 from etl.parse import GroupRecord, ListedTask, TaskRecord, payload_json
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,9 @@ POSTGRESQL_MAX_VARIABLES = 65535
 
 # Rows fetched at a time when a query may return a whole account's tasks.
 STREAMED_ROWS = 2000
+# Seconds between two additions of a writer's page counts to its run's row:
+# a run killed in between is left without the counts of that last stretch.
+RUN_COUNTS_EVERY = 1.0
 
 
 @dataclass(frozen=True)
@@ -195,6 +200,10 @@ class PageWriter:
         # same few groups are on every page, and upserting them again each
         # time cost a tenth of a first sync's writing.
         self._groups: dict[str, str | None] = {}
+        # Counts of committed pages not yet added to their run's row, and
+        # when they last were (see `_add_to_run`): the first page adds them.
+        self._unsaved: dict[int, tuple[PageCounts, int]] = {}
+        self._saved_at = -math.inf
 
     def __enter__(self) -> PageWriter:
         return self
@@ -222,9 +231,6 @@ class PageWriter:
                 f"account {batch.account.label}, endpoint {batch.endpoint}, page "
                 f"{batch.number}: the page was not written: {_first_line(exc)}"
             ) from exc
-        plan.counts.seen = len(batch.records)
-        plan.counts.rejected = len(batch.rejects)
-        plan.counts.bad_values = sum(len(r.bad_fields) for r in plan.written)
         return plan.counts
 
     def _write(
@@ -254,9 +260,59 @@ class PageWriter:
             _execute_many(connection, _task_upsert, plan.rows)
             _execute_many(connection, _change_insert, plan.changes)
             _insert_rejects(connection, run_id, batch)
-        # Only once committed: a page rolled back stored no group.
+            plan.counts.seen = len(batch.records)
+            plan.counts.rejected = len(batch.rejects)
+            plan.counts.bad_values = sum(len(r.bad_fields) for r in plan.written)
+            unsaved = self._unsaved_with(run_id, plan.counts)
+            saving = monotonic() - self._saved_at >= RUN_COUNTS_EVERY
+            if saving:
+                _add_to_run(connection, run_id, *unsaved)
+        # Only once committed: a page rolled back stored no group, and
+        # counts nothing.
         self._groups.update((group.id, group.name) for group in found)
+        if saving:
+            self._unsaved.pop(run_id, None)
+            self._saved_at = monotonic()
+        else:
+            self._unsaved[run_id] = unsaved
         return plan
+
+    def _unsaved_with(self, run_id: int, counts: PageCounts) -> tuple[PageCounts, int]:
+        """The run's unsaved counts and pages, with one page more."""
+        unsaved, pages = self._unsaved.get(run_id, (PageCounts(), 0))
+        total = replace(unsaved)
+        total.add(counts)
+        return total, pages + 1
+
+
+def _add_to_run(
+    connection: Connection, run_id: int, counts: PageCounts, pages: int
+) -> None:
+    """Add what committed transactions stored to their run's counts, in one
+    more such transaction.
+
+    The run writes its totals when it ends; but a run killed before that
+    was left with counts of zero, while its committed pages and their
+    history rows pointed to it. A writer adds its pages' counts at most
+    every `RUN_COUNTS_EVERY` seconds: in every page, this one more row to
+    write made a re-sync's writing a third slower.
+    """
+    run = sync_runs.c
+    connection.execute(
+        update(sync_runs)
+        .where(run.id == run_id)
+        .values(
+            pages=run.pages + pages,
+            tasks_seen=run.tasks_seen + counts.seen,
+            tasks_new=run.tasks_new + counts.new,
+            tasks_changed=run.tasks_changed + counts.changed,
+            tasks_removed=run.tasks_removed + counts.removed,
+            tasks_restored=run.tasks_restored + counts.restored,
+            status_changes=run.status_changes + counts.status_changes,
+            rejected=run.rejected + counts.rejected,
+            bad_values=run.bad_values + counts.bad_values,
+        )
+    )
 
 
 def _writer_connection(engine: Engine) -> Connection:
@@ -879,6 +935,8 @@ def mark_removals(
                 _change_insert,
                 [_removal(driver, run_id, row, observed_at) for row in gone],
             )
+            removed = PageCounts(removed=len(gone), status_changes=len(gone))
+            _add_to_run(connection, run_id, removed, 0)
     except SQLAlchemyError as exc:
         raise StoreError(
             f"account {account.label}: removals were not marked: {_first_line(exc)}"

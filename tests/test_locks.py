@@ -367,14 +367,14 @@ def test_runs_of_processes_that_are_gone_are_abandoned(engine: Engine) -> None:
     assert abandoned == 3
 
 
-def test_an_abandoned_run_counts_what_it_stored(engine: Engine) -> None:
+def test_an_abandoned_run_counts_what_it_committed(engine: Engine) -> None:
     run_id = runs.start_run(engine, "sync")
     at = runs.now()
     items = [{"uuid": f"t{n}", "status": 2} for n in range(3)] + [{"name": "no id"}]
     page = Page(ACCOUNT, TASK_LIST, 1, tuple(items), 4, 1, 15, at, b"")
     store.write_page(engine, run_id, parse_page(page, UTC), None)
     runs.record_walk(
-        engine, run_id, ACCOUNT, outcome="succeeded", started=at, pages=1, tasks_seen=4
+        engine, run_id, ACCOUNT, outcome="succeeded", started=at, pages=1, tasks_seen=3
     )
     with engine.begin() as connection:
         connection.execute(
@@ -386,7 +386,7 @@ def test_an_abandoned_run_counts_what_it_stored(engine: Engine) -> None:
     with engine.connect() as connection:
         run = connection.execute(select_rows(sync_runs)).one()
     counted = (run.accounts, run.pages, run.tasks_seen, run.tasks_new)
-    assert (run.outcome, *counted) == ("abandoned", 1, 1, 4, 3)
+    assert (run.outcome, *counted) == ("abandoned", 1, 1, 3, 3)
     assert (run.status_changes, run.rejected, run.tasks_removed) == (3, 1, 0)
 
 

@@ -1,5 +1,6 @@
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from unittest import mock
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -9,7 +10,7 @@ from synced import history
 from etl import runs, store
 from etl.accounts import Account
 from etl.config import DatabaseConfig
-from etl.models import groups, sync_rejects, task_status_changes, tasks
+from etl.models import groups, sync_rejects, sync_runs, task_status_changes, tasks
 from etl.parse import clean, parse_task
 from etl.store import PageBatch, Reject
 
@@ -248,6 +249,29 @@ def test_a_flagged_task_that_moved_to_another_account_loses_its_flag(
     row = task_row(engine, "b")
     # Its old account's walk missed it; the new one's has not yet.
     assert (row.sub_user_id, row.unlisted_after) == ("sub-2", None)
+
+
+def test_a_writer_adds_its_pages_to_its_run_at_most_every_second(
+    engine: Engine,
+) -> None:
+    run_id = runs.start_run(engine, "sync")
+    pages = [batch([item(f"p{n}-{k}") for k in range(3)], number=n) for n in (1, 2, 3)]
+
+    saved = []
+    with (
+        mock.patch("etl.store.monotonic", side_effect=[0.0, 0.0, 0.5, 1.2, 1.2]),
+        store.PageWriter(engine) as writer,
+    ):
+        for page in pages:
+            writer.write(run_id, page, None)
+            with engine.connect() as connection:
+                run = connection.execute(
+                    select(sync_runs).where(sync_runs.c.id == run_id)
+                ).one()
+            saved.append((run.pages, run.tasks_seen, run.tasks_new))
+
+    # The first page at once; the second waits; the third brings both.
+    assert saved == [(1, 3, 3), (1, 3, 3), (3, 9, 9)]
 
 
 def test_stored_times_come_back_to_the_microsecond(engine: Engine) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import socket
 import threading
 import time
 from collections.abc import Collection
@@ -100,13 +101,19 @@ def describe_status(
 
 
 def _describe_run_row(run: dict[str, Any]) -> str:
-    return (
+    line = (
         f"  #{run['id']} {run['kind']:<8} {_when(run['started_at'])}  "
         f"{run['outcome']:<10} {run['accounts']} accounts "
         f"({run['accounts_failed']} failed), {run['pages']} pages, "
         f"{run['tasks_seen']} seen, {run['tasks_new']} new, "
         f"{run['tasks_changed']} changed, {run['tasks_removed']} removed"
     )
+    # Only the next run marks a dead one abandoned: until then a killed run
+    # would read as still going. Another host's processes cannot be seen.
+    gone = run["host"] == socket.gethostname() and not runs.is_alive(run["pid"])
+    if run["outcome"] == "running" and gone:
+        line += "; its process is gone, and the next run marks it abandoned"
+    return line
 
 
 def _label(row: Any) -> str:

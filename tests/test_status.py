@@ -1,3 +1,7 @@
+import os
+import socket
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -5,10 +9,12 @@ from unittest import mock
 
 import pytest
 from click.testing import CliRunner, Result
+from sqlalchemy import insert
 
 from etl import runs, store
 from etl.cli import EXIT_STALE, main
 from etl.config import DatabaseConfig
+from etl.models import sync_runs
 from etl.report import STALE_SHOWN, check_freshness, describe_age, parse_duration
 from etl.simulator import SimServer, Simulator
 
@@ -357,3 +363,32 @@ def test_max_complete_age_exits_5_when_no_walk_ever_completed(config: str) -> No
 
     assert result.exit_code == EXIT_STALE
     assert result.stderr == "Error: no account has ever had a complete walk\n"
+
+
+def test_status_says_when_a_running_run_has_lost_its_process(
+    config: str, db_url: str
+) -> None:
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait(timeout=30)
+    engine = store.connect(DatabaseConfig(url=db_url))
+    with engine.begin() as connection:
+        for pid in (exited.pid, os.getpid()):
+            connection.execute(
+                insert(sync_runs).values(
+                    kind="sync",
+                    started_at=runs.now(),
+                    outcome="running",
+                    host=socket.gethostname(),
+                    pid=pid,
+                )
+            )
+    engine.dispose()
+
+    result = invoke("--config", config, "status")
+
+    # The newest first.
+    alive, killed = result.stdout.splitlines()[1:3]
+    gone = "; its process is gone, and the next run marks it abandoned"
+    assert killed.startswith("  #1 sync ") and killed.endswith(gone)
+    assert alive.startswith("  #2 sync ") and " running " in alive
+    assert gone not in alive

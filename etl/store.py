@@ -252,7 +252,8 @@ class PageWriter:
             # Listed unchanged, a flagged task is not rewritten; but it was
             # observed now, which its flag must say, or a removal by the next
             # complete walk would date its last sighting too early.
-            _update_each(connection, flagged, unlisted_after=batch.fetched_at)
+            still = [tasks.c.unlisted_after.is_not(None)]
+            _update_each(connection, flagged, still, unlisted_after=batch.fetched_at)
             # A group renamed changes the tasks that embed it, so the groups
             # of the tasks written are all that can need an upsert.
             found = _new_groups(plan.written, self._groups)
@@ -904,6 +905,7 @@ def mark_removals(
         tasks.c.sub_user_id == account.sub_user_id
     )
     listed = owned & tasks.c.removed_at.is_(None)
+    is_flagged = tasks.c.unlisted_after.is_not(None)
     try:
         with engine.begin() as connection:
             # Only listed tasks are ever flagged, so this reads the partial
@@ -915,28 +917,14 @@ def mark_removals(
                     tasks.c.status,
                     tasks.c.status_str,
                     tasks.c.unlisted_after,
-                ).where(owned, tasks.c.unlisted_after.is_not(None))
+                ).where(owned, is_flagged)
             ).all()
-            gone = [row for row in flagged if row.uuid not in seen]
             back = [row.uuid for row in flagged if row.uuid in seen]
+            _update_each(connection, back, [owned, is_flagged], unlisted_after=None)
             missed = _missed(connection, listed, seen)
-            _set_unlisted(connection, missed, previous_complete)
-            _update_each(connection, back, unlisted_after=None)
-            _update_each(
-                connection,
-                [row.uuid for row in gone],
-                removed_at=observed_at,
-                last_changed_at=observed_at,
-                unlisted_after=None,
-            )
-            driver = _DriverValues(connection.dialect.name)
-            _execute_many(
-                connection,
-                _change_insert,
-                [_removal(driver, run_id, row, observed_at) for row in gone],
-            )
-            removed = PageCounts(removed=len(gone), status_changes=len(gone))
-            _add_to_run(connection, run_id, removed, 0)
+            missed = _set_unlisted(connection, missed, listed, previous_complete)
+            gone = [row for row in flagged if row.uuid not in seen]
+            gone = _remove(connection, run_id, gone, listed & is_flagged, observed_at)
     except SQLAlchemyError as exc:
         raise StoreError(
             f"account {account.label}: removals were not marked: {_first_line(exc)}"
@@ -960,9 +948,13 @@ def _missed(
 
 
 def _set_unlisted(
-    connection: Connection, uuids: list[str], previous_complete: datetime | None
-) -> None:
-    """Flag tasks a complete walk missed, with when they were last observed.
+    connection: Connection,
+    uuids: list[str],
+    listed: ColumnElement[bool],
+    previous_complete: datetime | None,
+) -> list[str]:
+    """Flag tasks a complete walk missed, with when they were last observed;
+    the uuids flagged.
 
     That is the later of when their status was first observed and when the
     previous complete walk began, which listed them, or they would be
@@ -975,12 +967,67 @@ def _set_unlisted(
             (tasks.c.status_seen_at > walk_began, tasks.c.status_seen_at),
             else_=walk_began,
         )
-    _update_each(connection, uuids, unlisted_after=last_observed)
+    unflagged = [listed, tasks.c.unlisted_after.is_(None)]
+    return _update_each(connection, uuids, unflagged, unlisted_after=last_observed)
 
 
-def _update_each(connection: Connection, uuids: list[str], **values: Any) -> None:
+def _remove(
+    connection: Connection,
+    run_id: int,
+    rows: list[Any],
+    still: ColumnElement[bool],
+    observed_at: datetime,
+) -> list[Any]:
+    """Mark removed the flagged tasks of `rows` that `still` holds for, with
+    their history rows; those removed."""
+    uuids = [row.uuid for row in rows]
+    removed = set(
+        _update_each(
+            connection,
+            uuids,
+            [still],
+            removed_at=observed_at,
+            last_changed_at=observed_at,
+            unlisted_after=None,
+        )
+    )
+    gone = [row for row in rows if row.uuid in removed]
+    driver = _DriverValues(connection.dialect.name)
+    _execute_many(
+        connection,
+        _change_insert,
+        [_removal(driver, run_id, row, observed_at) for row in gone],
+    )
+    counts = PageCounts(removed=len(gone), status_changes=len(gone))
+    _add_to_run(connection, run_id, counts, 0)
+    return gone
+
+
+def _update_each(
+    connection: Connection,
+    uuids: list[str],
+    where: Sequence[ColumnElement[bool]] = (),
+    **values: Any,
+) -> list[str]:
+    """Update those of these tasks that `where` still holds for; the uuids
+    updated.
+
+    On PostgreSQL another process may have written a task since it was
+    read, moving it to another account, say: the update then leaves it, and
+    says so. A database that cannot say which rows it updated (SQLite
+    before 3.35) is one whose transaction holds its only write lock, where
+    nothing changes between the read and the update.
+    """
+    updated: list[str] = []
     for chunk in _chunks(uuids, _rows_per_statement(connection, 1)):
-        connection.execute(update(tasks).where(tasks.c.uuid.in_(chunk)).values(values))
+        statement = update(tasks).where(tasks.c.uuid.in_(chunk), *where).values(values)
+        if connection.dialect.update_returning:
+            result = connection.execute(statement.returning(tasks.c.uuid))
+            updated.extend(result.scalars())
+        else:
+            connection.execute(statement)
+            updated.extend(chunk)
+    return updated
 
 
 def _removal(

@@ -274,6 +274,29 @@ def test_a_writer_adds_its_pages_to_its_run_at_most_every_second(
     assert saved == [(1, 3, 3), (1, 3, 3), (3, 9, 9)]
 
 
+def test_a_removal_read_before_another_writer_moved_the_task_removes_nothing(
+    engine: Engine,
+) -> None:
+    write(engine, [item("a"), item("b")])
+    run_id = runs.start_run(engine, "sync")
+    store.mark_removals(engine, run_id, ACCOUNT, {"a"}, T0 + timedelta(hours=1), T0)
+    with engine.connect() as connection:
+        read = connection.execute(select(tasks).where(tasks.c.uuid == "b")).one()
+    # Another process, walking another account, moves it before the update.
+    other = Account("main-1", "sub-2")
+    moved = parse_task(item("b", name="moved"), other, ZoneInfo("Asia/Shanghai"))
+    store.write_page(engine, run_id, PageBatch(other, "/t", 1, T0, [moved]), None)
+    owned = (tasks.c.user_id == "main-1") & (tasks.c.sub_user_id == "sub-1")
+    still = owned & tasks.c.removed_at.is_(None) & tasks.c.unlisted_after.is_not(None)
+
+    with engine.begin() as connection:
+        gone = store._remove(connection, run_id, [read], still, T0)
+
+    assert gone == []
+    assert task_row(engine, "b").removed_at is None
+    assert history(engine, "b") == [("first_seen", None, 2)]
+
+
 def test_stored_times_come_back_to_the_microsecond(engine: Engine) -> None:
     first = T0 + timedelta(microseconds=123456)
     write(engine, [item("a", 2)], first)

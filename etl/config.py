@@ -31,6 +31,8 @@ DATABASE_ENV = "TASK_ETL_DATABASE_URL"
 
 T = TypeVar("T")
 
+LONGEST_DURATION = 365 * 86400
+
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([smhdSMHD]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -428,6 +430,10 @@ def parse_duration(value: object) -> float:
         )
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"a duration cannot be {value!r}")
+    # Longer would only be a typo, and past some size the scheduler's dates
+    # overflow, ending the daemon in a traceback.
+    if seconds > LONGEST_DURATION:
+        raise ValueError(f"a duration can be at most 365d, got {value!r}")
     return seconds
 
 

@@ -416,6 +416,10 @@ def test_a_cron_schedule_replaces_the_interval(tmp_path: Path) -> None:
         ('[schedule]\ninterval = "5 minutes"\n', "schedule.interval: expected a"),
         ("[schedule]\ninterval = 0\n", "schedule.interval: must be greater than 0"),
         ("[schedule]\njitter = -1\n", "schedule.jitter: a duration cannot be -1"),
+        (
+            '[schedule]\ninterval = "99999999999999d"\n',
+            "schedule.interval: a duration can be at most 365d",
+        ),
         ('[schedule]\ndeadline = "0s"\n', "schedule.deadline: must be greater"),
         ("[schedule]\ninterval = true\n", "schedule.interval: expected a duration"),
         ('[schedule]\ntimezone = "Mars/Base"\n', "schedule.timezone: unknown time"),
@@ -433,6 +437,7 @@ def test_a_cron_schedule_replaces_the_interval(tmp_path: Path) -> None:
         "interval-words",
         "interval-zero",
         "jitter-negative",
+        "interval-past-a-year",
         "deadline-zero",
         "interval-bool",
         "bad-zone",

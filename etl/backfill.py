@@ -23,7 +23,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, select
 
-from etl import archive, rollup, runs, store
+from etl import archive, locks, rollup, runs, store
 from etl.accounts import Account
 from etl.archive import ArchivedPage, ArchivedWalk
 from etl.client import Client
@@ -196,20 +196,32 @@ class _Replay:
         self.unfinished = 0
         self.errors: list[str] = []
         self.failed: set[tuple[str, str]] = set()
+        self.held: locks.AccountLocks | None = None
 
     def execute(self, walks: list[ArchivedWalk]) -> ReplaySummary:
         began = time.monotonic()
-        newer = _newer_than_database(self.engine, walks)
-        self.walks = newer
-        self.states = [_WalkState() for _ in newer]
         self.run_id = runs.start_run(self.engine, "replay")
-        replayed = {_key(walk.account) for walk in newer}
+        self.walks = []
+        replayed: set[tuple[str, str]] = set()
+        newer: list[ArchivedWalk] = []
         try:
-            _register(self.engine, newer)
-            for event in _events(newer):
-                if self.stop.is_set():
-                    break
-                self._play(event)
+            # The accounts' locks, as a sync takes them: a run writing an
+            # account meanwhile would have the replay store older pages over
+            # its newer ones, and settle removals against an older list.
+            with locks.hold(
+                self.engine, self.config.locks, self.run_id, stop=self.stop
+            ) as self.held:
+                walks = self._lock_accounts(self.held, walks)
+                # Only once locked: a run that ended meanwhile counts.
+                newer = _newer_than_database(self.engine, walks)
+                self.walks = newer
+                self.states = [_WalkState() for _ in newer]
+                replayed = {_key(walk.account) for walk in newer} | self.failed
+                _register(self.engine, newer)
+                for event in _events(newer):
+                    if self.stop.is_set():
+                        break
+                    self._play(event)
         except BaseException:
             self._finish("failed", len(replayed), len(replayed), began)
             raise
@@ -226,6 +238,23 @@ class _Replay:
             summary, len(newer), len(walks) - len(newer), self.unfinished
         )
 
+    def _lock_accounts(
+        self, held: locks.AccountLocks, walks: list[ArchivedWalk]
+    ) -> list[ArchivedWalk]:
+        """The walks of the accounts whose locks this replay took; an account
+        another run holds fails, and replaying again takes it up."""
+        taken = set()
+        for account in sorted({walk.account for walk in walks}, key=_key):
+            try:
+                held.acquire(account)
+            except EtlError as exc:
+                log.error("account %s failed: %s", account.label, exc)
+                self.failed.add(_key(account))
+                self.errors.append(str(exc))
+            else:
+                taken.add(account)
+        return [walk for walk in walks if walk.account in taken]
+
     def _play(self, event: _Event) -> None:
         walk = self.walks[event.walk]
         if _key(walk.account) in self.failed:
@@ -241,6 +270,8 @@ class _Replay:
             state.previous_complete = runs.previous_complete(self.engine, walk.account)
         batch = parse_page(page.read(), self.config.api.zone)
         try:
+            assert self.held is not None, "pages are replayed inside locks.hold()"
+            self.held.confirm(walk.account)
             counts = store.write_page(
                 self.engine, self.run_id, batch, state.previous_complete
             )

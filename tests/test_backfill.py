@@ -10,11 +10,18 @@ from click.testing import CliRunner, Result
 from sqlalchemy import Engine, func, select, text
 from synced import sync_config
 
-from etl import store
+from etl import locks, store
 from etl.accounts import Account
 from etl.backfill import replay_archive, run_backfill, select_accounts
 from etl.cli import main
-from etl.config import ApiConfig, ArchiveConfig, Config, DatabaseConfig, MainAccount
+from etl.config import (
+    ApiConfig,
+    ArchiveConfig,
+    Config,
+    DatabaseConfig,
+    LocksConfig,
+    MainAccount,
+)
 from etl.errors import ArchiveError, ConfigError
 from etl.models import (
     accounts,
@@ -538,6 +545,33 @@ def test_a_walk_whose_removals_failed_is_replayed_as_it_ran(
     # The walk counted as complete in neither: the task is still only flagged.
     assert summary.run.counts.removed == 0
     assert gone.uuid in stored_live(engine)
+    assert sorted_snapshot(engine) == sorted_snapshot(live)
+
+
+def test_a_replay_leaves_an_account_another_run_is_writing(
+    tmp_path: Path,
+    simulator: Simulator,
+    server: SimServer,
+    live: Engine,
+    engine: Engine,
+) -> None:
+    root = tmp_path / "archive"
+    live_history(server, simulator, live, root)
+    locked = simulator.accounts()[0]
+    holder = locks.open_locks(engine, LocksConfig())
+    holder.acquire(Account(*locked.key))
+
+    try:
+        summary = replay_archive(make_config(server, simulator), root, engine=engine)
+    finally:
+        holder.close()
+
+    assert (summary.run.outcome, summary.run.accounts_failed) == ("partial", 1)
+    (error,) = summary.run.errors
+    assert error.startswith(f"account {Account(*locked.key).label}: another run")
+    assert locked.key not in stored_owners(engine)
+    again = replay_archive(make_config(server, simulator), root, engine=engine)
+    assert (again.run.outcome, again.walks, again.skipped) == ("succeeded", 5, 25)
     assert sorted_snapshot(engine) == sorted_snapshot(live)
 
 

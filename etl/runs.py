@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -125,8 +124,6 @@ def finish_run(
     accounts_skipped: int = 0,
 ) -> datetime:
     finished = now()
-    values = asdict(counts)
-    values.pop("seen")
     with engine.begin() as connection:
         connection.execute(
             update(sync_runs)
@@ -138,14 +135,7 @@ def finish_run(
                 accounts_failed=accounts_failed,
                 accounts_skipped=accounts_skipped,
                 pages=pages,
-                tasks_seen=counts.seen,
-                tasks_new=values["new"],
-                tasks_changed=values["changed"],
-                tasks_removed=values["removed"],
-                tasks_restored=values["restored"],
-                status_changes=values["status_changes"],
-                rejected=values["rejected"],
-                bad_values=values["bad_values"],
+                **counts.run_columns(),
                 error="\n".join(errors) or None,
             )
         )

@@ -56,6 +56,10 @@ POSTGRESQL_MAX_VARIABLES = 65535
 
 # Rows fetched at a time when a query may return a whole account's tasks.
 STREAMED_ROWS = 2000
+# A task a complete walk missed, and no complete walk listed since (see
+# `mark_removals`); built once, as the writer asks it of every page.
+_IS_FLAGGED = tasks.c.unlisted_after.is_not(None)
+
 # Seconds between two additions of a writer's page counts to its run's row:
 # a run killed in between is left without the counts of that last stretch.
 RUN_COUNTS_EVERY = 1.0
@@ -125,6 +129,23 @@ class PageCounts:
     def add(self, other: PageCounts) -> None:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def run_columns(self) -> dict[str, int]:
+        """The counts by the `sync_runs` columns that hold them."""
+        return {column: getattr(self, name) for name, column in RUN_COLUMNS.items()}
+
+
+# The column of `sync_runs` that holds each count of `PageCounts`.
+RUN_COLUMNS = {
+    "seen": "tasks_seen",
+    "new": "tasks_new",
+    "changed": "tasks_changed",
+    "restored": "tasks_restored",
+    "removed": "tasks_removed",
+    "status_changes": "status_changes",
+    "rejected": "rejected",
+    "bad_values": "bad_values",
+}
 
 
 @dataclass
@@ -252,8 +273,9 @@ class PageWriter:
             # Listed unchanged, a flagged task is not rewritten; but it was
             # observed now, which its flag must say, or a removal by the next
             # complete walk would date its last sighting too early.
-            still = [tasks.c.unlisted_after.is_not(None)]
-            _update_each(connection, flagged, still, unlisted_after=batch.fetched_at)
+            _update_each(
+                connection, flagged, [_IS_FLAGGED], unlisted_after=batch.fetched_at
+            )
             # A group renamed changes the tasks that embed it, so the groups
             # of the tasks written are all that can need an upsert.
             found = _new_groups(plan.written, self._groups)
@@ -298,21 +320,11 @@ def _add_to_run(
     every `RUN_COUNTS_EVERY` seconds: in every page, this one more row to
     write made a re-sync's writing a third slower.
     """
-    run = sync_runs.c
+    added = {"pages": pages, **counts.run_columns()}
     connection.execute(
         update(sync_runs)
-        .where(run.id == run_id)
-        .values(
-            pages=run.pages + pages,
-            tasks_seen=run.tasks_seen + counts.seen,
-            tasks_new=run.tasks_new + counts.new,
-            tasks_changed=run.tasks_changed + counts.changed,
-            tasks_removed=run.tasks_removed + counts.removed,
-            tasks_restored=run.tasks_restored + counts.restored,
-            status_changes=run.status_changes + counts.status_changes,
-            rejected=run.rejected + counts.rejected,
-            bad_values=run.bad_values + counts.bad_values,
-        )
+        .where(sync_runs.c.id == run_id)
+        .values({name: sync_runs.c[name] + value for name, value in added.items()})
     )
 
 
@@ -905,7 +917,6 @@ def mark_removals(
         tasks.c.sub_user_id == account.sub_user_id
     )
     listed = owned & tasks.c.removed_at.is_(None)
-    is_flagged = tasks.c.unlisted_after.is_not(None)
     try:
         with engine.begin() as connection:
             # Only listed tasks are ever flagged, so this reads the partial
@@ -917,14 +928,14 @@ def mark_removals(
                     tasks.c.status,
                     tasks.c.status_str,
                     tasks.c.unlisted_after,
-                ).where(owned, is_flagged)
+                ).where(owned, _IS_FLAGGED)
             ).all()
             back = [row.uuid for row in flagged if row.uuid in seen]
-            _update_each(connection, back, [owned, is_flagged], unlisted_after=None)
+            _update_each(connection, back, [owned, _IS_FLAGGED], unlisted_after=None)
             missed = _missed(connection, listed, seen)
             missed = _set_unlisted(connection, missed, listed, previous_complete)
             gone = [row for row in flagged if row.uuid not in seen]
-            gone = _remove(connection, run_id, gone, listed & is_flagged, observed_at)
+            gone = _remove(connection, run_id, gone, listed & _IS_FLAGGED, observed_at)
     except SQLAlchemyError as exc:
         raise StoreError(
             f"account {account.label}: removals were not marked: {_first_line(exc)}"

@@ -4,7 +4,7 @@ from unittest import mock
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 from synced import history
 
 from etl import runs, store
@@ -357,10 +357,39 @@ def test_pages_of_any_size_need_only_a_few_sqlite_statement_texts() -> None:
     for total in range(3_000):
         counts = store._statement_rows(total, largest)
         texts.update(counts)
-        assert 0 <= total - sum(counts) < store.FEWEST_VALUES_ROWS
+        assert sum(counts) == total
     assert all(count & (count - 1) == 0 for count in texts)
-    assert min(texts) >= store.FEWEST_VALUES_ROWS and max(texts) <= largest
-    assert len(texts) <= 6
+    assert max(texts) <= largest and len(texts) == largest.bit_length()
+
+
+def test_the_stored_state_a_page_is_planned_from_is_read_exactly(
+    engine: Engine,
+) -> None:
+    # On SQLite the rows come back as one JSON text: every value must come
+    # back as the plain query reads it, whatever the text holds.
+    awkward = 'say "hi" \\ \x01\t\u2028 😀 null \ud7ff'
+    write(engine, [item("a", status_str=awkward), item("b", 2**31 - 1), item("c")])
+    with engine.begin() as connection:
+        connection.execute(
+            update(tasks)
+            .where(tasks.c.uuid == "b")
+            .values(removed_at=T0 + timedelta(hours=1), unlisted_after=T0)
+        )
+    zone = ZoneInfo("Asia/Shanghai")
+    listed = [parse_task(item(uuid, 1), ACCOUNT, zone) for uuid in ("a", "b", "d")]
+    columns = [tasks.c[name] for name in store._Stored._fields]
+
+    with engine.connect() as connection:
+        driver = store._DriverValues(connection.dialect.name)
+        stored, unchanged, _ = store._read_stored(connection, driver, listed)
+        expected = connection.execute(
+            select(*columns).where(tasks.c.uuid.in_(["a", "b"]))
+        ).all()
+
+    assert {uuid: tuple(row) for uuid, row in stored.items()} == {
+        row.uuid: tuple(row) for row in expected
+    }
+    assert stored["a"].status_str == awkward and not unchanged
 
 
 def test_sqlite_pages_are_written_with_temporary_storage_in_memory(

@@ -247,15 +247,21 @@ def database_url_problem(url: str) -> str | None:
     and port, and the message quoted the password.
     """
     try:
-        backend = make_url(url).get_backend_name()
+        parsed = make_url(url)
+        backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
     except (ArgumentError, ValueError):
-        return (
-            "not a database URL; expected sqlite:///PATH or "
-            "postgresql+psycopg://USER@HOST/DATABASE"
-        )
-    if backend not in ("sqlite", "postgresql"):
+        return f"not a database URL; expected {_URL_FORMS}"
+    if backend not in SUPPORTED_DRIVERS:
         return f"{backend} is not supported; use SQLite or PostgreSQL"
+    if driver != SUPPORTED_DRIVERS[backend]:
+        # Another driver loads, then fails at the first query or two.
+        return f"the {driver} driver is not supported; use {_URL_FORMS}"
     return None
+
+
+# The one driver of each database that the store is written and tested for.
+SUPPORTED_DRIVERS = {"sqlite": "pysqlite", "postgresql": "psycopg"}
+_URL_FORMS = "sqlite:///PATH or postgresql+psycopg://USER@HOST/DATABASE"
 
 
 def _read_api(reader: _Reader, environ: Mapping[str, str], tokens: bool) -> ApiConfig:

@@ -654,7 +654,12 @@ class _Run:
         return complete
 
     def _fail(self, account: Account, message: str) -> None:
-        log.error("account %s failed: %s", account.label, message)
+        named = f"account {account.label}"
+        # Most errors name the account, endpoint and page already; the run's
+        # errors and this line must name it exactly once.
+        if not message.startswith((f"{named},", f"{named}:")):
+            message = f"{named}: {message}"
+        log.error("%s", message)
         state = self.states[account]
         state.failed = True
         state.error = state.error or message

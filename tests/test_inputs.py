@@ -737,7 +737,7 @@ REFUSE_REMOVAL = {
 
 
 def test_removals_that_cannot_be_written_fail_one_account_only(
-    platform: Platform, engine: Engine
+    platform: Platform, engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
     platform.serve_pages("u1", envelope(tasks(1, 3)))
     platform.serve_pages("u2", envelope(tasks(101, 103)))
@@ -750,11 +750,15 @@ def test_removals_that_cannot_be_written_fail_one_account_only(
         for statement in REFUSE_REMOVAL[engine.dialect.name]:
             connection.execute(text(statement))
 
-    summary = sync(platform.url, engine, "u1", "u2")
+    with caplog.at_level(logging.ERROR, logger="etl.sync"):
+        summary = sync(platform.url, engine, "u1", "u2")
 
     assert (summary.outcome, summary.accounts_failed) == ("partial", 1)
     (error,) = summary.errors
     assert error.startswith("account u1: removals were not marked: ")
+    # The log line is the error itself, naming the account once.
+    lines = [r.getMessage() for r in caplog.records if "removals" in r.getMessage()]
+    assert lines == [error]
     assert "disk full" in error and "\n" not in error
     not_removed = {u for u, row in stored(engine).items() if row.removed_at is None}
     assert not_removed == uuids(1, 3) | uuids(101, 102)

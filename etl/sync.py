@@ -415,7 +415,7 @@ class _Run:
         return "; ".join(part for part in parts if part) or None
 
     def _resolve(self, only: Sequence[str]) -> list[Account]:
-        resolved = resolve(self.config, self.client, self.engine)
+        resolved = resolve(self.config, self.client, self.engine, self.stop)
         self.errors.extend(resolved.errors)
         self.discovery_errors = resolved.discovery_errors
         found = resolved.accounts
@@ -711,13 +711,21 @@ def resolve_accounts(
     return resolved.accounts, resolved.errors
 
 
-def resolve(config: Config, client: Client, engine: Engine | None = None) -> Resolved:
+def resolve(
+    config: Config,
+    client: Client,
+    engine: Engine | None = None,
+    stop: threading.Event | None = None,
+) -> Resolved:
     """The accounts of a run, the errors finding them, and which accounts
-    carry a failed discovery (see `Resolved`)."""
+    carry a failed discovery (see `Resolved`); `RunInterrupted` once `stop`
+    is set, between two main accounts."""
     found: dict[tuple[str, str], Account] = {}
     errors: list[str] = []
     discovery_errors: dict[tuple[str, str], str] = {}
     for main in config.accounts:
+        if stop is not None and stop.is_set():
+            raise RunInterrupted("the run was stopped")
         if main.sync_own_tasks:
             found[(main.user_id, "")] = Account(main.user_id, "", main.name)
         for sub in main.sub_accounts:

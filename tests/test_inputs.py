@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from scripted import (
     TASK_LIST,
     TOKEN,
+    Asked,
     Platform,
     Reply,
     envelope,
@@ -438,6 +439,37 @@ def test_odd_sub_accounts_are_cleaned_or_skipped_never_a_failed_run(
             connection.execute(select(accounts.c.sub_user_id, accounts.c.name)).all()
         )
     assert names == {"": "", "s1": "销售一部", "s2": "ab\ufffd"}
+
+
+def test_a_stop_during_discovery_lists_no_further_main_account(
+    platform: Platform, engine: Engine
+) -> None:
+    stop = threading.Event()
+
+    def first_list(asked: Asked) -> Reply:
+        stop.set()
+        # Answered once the run has seen the stop.
+        return Reply(body=envelope([]), delay=0.5)
+
+    for user_id in ("u1", "u2", "u3"):
+        platform.serve_pages(f"{user_id}/subset_users", envelope([]))
+        platform.serve_pages(user_id, envelope([], meta(0, 1)))
+    platform.respond("u1/subset_users", first_list)
+    config = make_config(platform.url, ())
+    config = Config(
+        database=config.database,
+        api=config.api,
+        accounts=tuple(
+            MainAccount(user_id=user_id, discover_sub_accounts=True)
+            for user_id in ("u1", "u2", "u3")
+        ),
+    )
+
+    with Client(config.api) as client:
+        summary = run_sync(config, engine=engine, client=client, stop=stop)
+
+    assert (summary.outcome, summary.accounts) == ("stopped", 0)
+    assert [asked.script for asked in platform.asked] == ["u1/subset_users"]
 
 
 # -- the platform failing ----------------------------------------------------

@@ -442,8 +442,8 @@ def _stored_rows_sql(paramstyle: str, count: int, as_json: bool) -> str:
     SQLite's driver gives up Python's lock for every row it reads, and while
     the fetching threads parsed, the writer waited to get it back each time:
     in a re-sync it spent a quarter of its time in this read. One row is one
-    wait.
-    Every column read is text, an integer or NULL, which JSON carries as is.
+    wait. Every column read is text, an integer or NULL, which JSON carries
+    as it is.
     """
     marker = "?" if paramstyle == "qmark" else "%s"
     where = f"FROM tasks WHERE uuid IN ({', '.join([marker] * count)})"

@@ -227,7 +227,7 @@ def _read_database(reader: _Reader, environ: Mapping[str, str]) -> DatabaseConfi
         url, source = environ[DATABASE_ENV], DATABASE_ENV
     else:
         url, source = reader.get("url", str, default.url), default.source
-    problem = database_url_problem(url)
+    problem = database_url_problem(url, in_memory=False)
     if problem and source == DATABASE_ENV:
         raise ConfigError(problem, key=DATABASE_ENV)
     if problem:
@@ -239,8 +239,10 @@ def _read_database(reader: _Reader, environ: Mapping[str, str]) -> DatabaseConfi
     )
 
 
-def database_url_problem(url: str) -> str | None:
-    """Why `url` cannot name a database of ours; None when it can.
+def database_url_problem(url: str, *, in_memory: bool = True) -> str | None:
+    """Why `url` cannot name a database of ours; None when it can. An
+    in-memory SQLite database, gone when the process ends, only if
+    `in_memory`.
 
     Never quotes the URL, nor the parser's message, which quotes the part
     it could not read: a password holding an @ or a colon is read as host
@@ -248,19 +250,34 @@ def database_url_problem(url: str) -> str | None:
     """
     try:
         parsed = make_url(url)
-        backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
     except (ArgumentError, ValueError):
         return f"not a database URL; expected {_URL_FORMS}"
-    if backend not in SUPPORTED_DRIVERS:
-        return f"{backend} is not supported; use SQLite or PostgreSQL"
-    if driver != SUPPORTED_DRIVERS[backend]:
-        # Another driver loads, then fails at the first query or two.
-        return f"the {driver} driver is not supported; use {_URL_FORMS}"
+    backend = SUPPORTED_SCHEMES.get(parsed.drivername)
+    if backend is None:
+        # Another database; or another driver, which loads and then fails
+        # at the first query or two.
+        return f"{parsed.drivername}:// is not supported; use {_URL_FORMS}"
+    if backend == "postgresql":
+        # The part of a password after an unescaped @ is read as the host,
+        # and a failed connection would name that host.
+        if parsed.host and "@" in parsed.host:
+            return "an @ in the user name or password must be written as %40"
+        return None
+    if parsed.host or parsed.username or parsed.password or parsed.port:
+        return "a SQLite URL names a file, not a server; expected sqlite:///PATH"
+    if not in_memory and parsed.database in (None, "", ":memory:"):
+        return "an in-memory SQLite database ends with the command; use a file"
     return None
 
 
-# The one driver of each database that the store is written and tested for.
-SUPPORTED_DRIVERS = {"sqlite": "pysqlite", "postgresql": "psycopg"}
+# The URL schemes of the one driver of each database that the store is
+# written and tested for: the standard SQLite module and psycopg 3.
+SUPPORTED_SCHEMES = {
+    "sqlite": "sqlite",
+    "sqlite+pysqlite": "sqlite",
+    "postgresql": "postgresql",
+    "postgresql+psycopg": "postgresql",
+}
 _URL_FORMS = "sqlite:///PATH or postgresql+psycopg://USER@HOST/DATABASE"
 
 

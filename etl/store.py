@@ -41,6 +41,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from etl.accounts import Account
@@ -165,7 +166,11 @@ def connect(database: DatabaseConfig) -> Engine:
     if problem is not None:
         raise StoreError(f"{database.source}: {problem}")
     try:
-        engine = create_engine(database.url, pool_pre_ping=True)
+        url = make_url(database.url)
+        if url.drivername == "postgresql":
+            # Before SQLAlchemy 2.1, a URL without a driver meant psycopg2.
+            url = url.set(drivername="postgresql+psycopg")
+        engine = create_engine(url, pool_pre_ping=True)
     except (SQLAlchemyError, ValueError, ImportError) as exc:
         raise StoreError(f"{database.source}: cannot use it: {exc}") from None
     if engine.dialect.name == "sqlite":

@@ -44,26 +44,34 @@ def test_minimal_file_gets_the_defaults(tmp_path: Path) -> None:
 
 
 def test_environment_overrides_token_and_database(tmp_path: Path) -> None:
-    environ = {"TASK_ETL_TOKEN": "env-token", "TASK_ETL_DATABASE_URL": "sqlite://"}
+    url = "sqlite:///elsewhere.db"
+    environ = {"TASK_ETL_TOKEN": "env-token", "TASK_ETL_DATABASE_URL": url}
 
     loaded = config.load(write(tmp_path, MINIMAL), environ)
 
     assert loaded.api.token == "env-token"
-    assert loaded.database.url == "sqlite://"
+    assert loaded.database.url == url
 
 
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("mysql://etl:s3cret@db/tasks", "mysql is not supported"),
+        ("mysql://etl:s3cret@db/tasks", "mysql:// is not supported"),
         # Drivers the store was never written for: they fail only later.
-        ("postgresql+asyncpg://etl:s3cret@db/tasks", "the asyncpg driver is not"),
-        ("postgresql+psycopg2://etl:s3cret@db/t", "the psycopg2 driver is not"),
-        ("sqlite+pysqlcipher://:s3cret@/tasks.db", "the pysqlcipher driver is not"),
-        ("sqlite+aiosqlite:///s3cret.db", "the aiosqlite driver is not"),
+        ("postgresql+asyncpg://etl:s3cret@db/t", "postgresql+asyncpg:// is not"),
+        ("postgresql+psycopg2://etl:s3cret@db/t", "postgresql+psycopg2:// is not"),
+        ("postgresql+psycopg+x://etl:s3cret@db/t", "postgresql+psycopg+x:// is not"),
+        ("sqlite+pysqlcipher://:s3cret@/tasks.db", "sqlite+pysqlcipher:// is not"),
+        ("sqlite+aiosqlite:///s3cret.db", "sqlite+aiosqlite:// is not supported"),
         ("s3cret", "not a database URL"),
         # Read as a host and a port: the parser's message quoted the password.
         ("postgresql+psycopg://etl:p@ss:s3cret@127.0.0.1/tasks", "not a database URL"),
+        # Read as a host: a failed connection named it.
+        ("postgresql+psycopg://etl:p@s3cret@127.0.0.1/t", "an @ in the user name"),
+        ("sqlite://etl:s3cret@dbhost/tasks.db", "a SQLite URL names a file, not"),
+        # Gone when the command ends: `migrate` said it migrated it.
+        ("sqlite://", "an in-memory SQLite database ends with the command"),
+        ("sqlite:///:memory:", "an in-memory SQLite database ends with the command"),
     ],
 )
 def test_a_bad_database_url_from_the_environment_is_named_so(
@@ -237,7 +245,7 @@ def test_tokens_are_not_in_the_repr(tmp_path: Path) -> None:
         ("[api\n", "cannot read"),
         (
             '[database]\nurl = "mysql://etl:pw@db/tasks"\n' + MINIMAL,
-            "database.url: mysql is not supported; use SQLite or PostgreSQL",
+            "database.url: mysql:// is not supported; use sqlite:///PATH or",
         ),
         (
             '[database]\nurl = "tasks.db"\n' + MINIMAL,
@@ -487,6 +495,6 @@ def test_a_database_driver_that_is_missing_names_where_the_url_came_from(
 
     for error in (refused.value, raised.value):
         assert str(error) == (
-            "TASK_ETL_DATABASE_URL: the nosuchdriver driver is not supported; use "
-            "sqlite:///PATH or postgresql+psycopg://USER@HOST/DATABASE"
+            "TASK_ETL_DATABASE_URL: postgresql+nosuchdriver:// is not supported; "
+            "use sqlite:///PATH or postgresql+psycopg://USER@HOST/DATABASE"
         )

@@ -550,3 +550,16 @@ def test_the_read_of_stored_tasks_is_never_a_prepared_statement(pg_url: str) -> 
 
     assert "INSERT INTO tasks" in statements  # psycopg did prepare the writes
     assert "FROM tasks WHERE uuid IN" not in statements
+
+
+def test_a_postgresql_url_without_a_driver_uses_psycopg(pg_url: str) -> None:
+    # Before SQLAlchemy 2.1 such a URL meant psycopg2, which is not installed.
+    bare = pg_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    assert bare != pg_url
+
+    engine = store.connect(DatabaseConfig(url=bare))
+    with engine.connect() as connection:
+        answer = connection.exec_driver_sql("SELECT 1").scalar()
+    engine.dispose()
+
+    assert (engine.dialect.driver, answer) == ("psycopg", 1)

@@ -102,7 +102,7 @@ def run_backfill(
     try:
         store.check_schema(engine)
         if selectors:
-            _check_selectors(config, client, engine, selectors)
+            _check_selectors(config, client, engine, selectors, stop)
         return run_sync(
             config,
             kind="backfill",
@@ -120,12 +120,19 @@ def run_backfill(
 
 
 def _check_selectors(
-    config: Config, client: Client, engine: Engine, selectors: Sequence[str]
+    config: Config,
+    client: Client,
+    engine: Engine,
+    selectors: Sequence[str],
+    stop: threading.Event | None,
 ) -> None:
-    """Refuse selectors that name no account before a run is recorded."""
+    """Refuse selectors that name no account before a run is recorded; after
+    a stop, leave the run to record it."""
     # With the engine, a failed discovery still knows the earlier runs'
     # sub-accounts, so naming one of them is not refused.
-    found, errors = resolve_accounts(config, client, engine)
+    found, errors = resolve_accounts(config, client, engine, stop)
+    if stop is not None and stop.is_set():
+        return
     try:
         select_accounts(found, selectors, "configured or discovered account")
     except ConfigError as exc:

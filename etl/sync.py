@@ -108,6 +108,8 @@ class Resolved:
     accounts: list[Account]
     errors: list[str]
     discovery_errors: dict[tuple[str, str], str] = field(default_factory=dict)
+    # A stop came before every main account was resolved.
+    stopped: bool = False
 
 
 @dataclass(frozen=True)
@@ -334,6 +336,11 @@ class _Run:
         ends = time.monotonic() + deadline if deadline else float("inf")
 
         run_id = self.run_id
+        if stop is not None and stop.is_set():
+            # Stopped already, during a backfill's check of its selectors:
+            # the run asks the platform for nothing more.
+            self.halted_by = "stopped"
+            self.stop.set()
 
         def watch() -> None:
             while not self.stop.wait(POLL_SECONDS):
@@ -418,6 +425,8 @@ class _Run:
         resolved = resolve(self.config, self.client, self.engine, self.stop)
         self.errors.extend(resolved.errors)
         self.discovery_errors = resolved.discovery_errors
+        if resolved.stopped:
+            raise RunInterrupted("the run was stopped")
         found = resolved.accounts
         if only:
             wanted = set(only)
@@ -704,10 +713,14 @@ def parse_page(page: Page, zone: tzinfo) -> PageBatch:
 
 
 def resolve_accounts(
-    config: Config, client: Client, engine: Engine | None = None
+    config: Config,
+    client: Client,
+    engine: Engine | None = None,
+    stop: threading.Event | None = None,
 ) -> tuple[list[Account], list[str]]:
-    """The accounts of a run: configured ones, then discovered sub-accounts."""
-    resolved = resolve(config, client, engine)
+    """The accounts of a run: configured ones, then discovered sub-accounts;
+    once `stop` is set, only those found by then."""
+    resolved = resolve(config, client, engine, stop)
     return resolved.accounts, resolved.errors
 
 
@@ -718,14 +731,14 @@ def resolve(
     stop: threading.Event | None = None,
 ) -> Resolved:
     """The accounts of a run, the errors finding them, and which accounts
-    carry a failed discovery (see `Resolved`); `RunInterrupted` once `stop`
-    is set, between two main accounts."""
+    carry a failed discovery (see `Resolved`); once `stop` is set, only
+    those of the main accounts resolved by then."""
     found: dict[tuple[str, str], Account] = {}
     errors: list[str] = []
     discovery_errors: dict[tuple[str, str], str] = {}
     for main in config.accounts:
         if stop is not None and stop.is_set():
-            raise RunInterrupted("the run was stopped")
+            return Resolved(list(found.values()), errors, discovery_errors, True)
         if main.sync_own_tasks:
             found[(main.user_id, "")] = Account(main.user_id, "", main.name)
         for sub in main.sub_accounts:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -32,6 +32,7 @@ from sqlalchemy import Engine, select, text
 from synced import history
 
 from etl import store
+from etl.backfill import run_backfill
 from etl.cli import main
 from etl.client import Client, RateLimiter
 from etl.config import ApiConfig, Config, DatabaseConfig, MainAccount
@@ -441,32 +442,54 @@ def test_odd_sub_accounts_are_cleaned_or_skipped_never_a_failed_run(
     assert names == {"": "", "s1": "销售一部", "s2": "ab\ufffd"}
 
 
+def discovering(platform: Platform, *user_ids: str) -> Config:
+    """Main accounts that discover their sub-accounts, none listed."""
+    for user_id in user_ids:
+        platform.serve_pages(f"{user_id}/subset_users", envelope([]))
+        platform.serve_pages(user_id, envelope([], meta(0, 1)))
+    config = make_config(platform.url, ())
+    mains = [MainAccount(user_id=u, discover_sub_accounts=True) for u in user_ids]
+    return Config(database=config.database, api=config.api, accounts=tuple(mains))
+
+
+def failing_and_stopping(stop: threading.Event) -> Callable[[Asked], Reply]:
+    """A sub-account list that fails, answered once the run saw `stop` set."""
+
+    def answer(asked: Asked) -> Reply:
+        stop.set()
+        return Reply(404, b'{"code":404,"status":"error"}', delay=0.5)
+
+    return answer
+
+
 def test_a_stop_during_discovery_lists_no_further_main_account(
     platform: Platform, engine: Engine
 ) -> None:
     stop = threading.Event()
-
-    def first_list(asked: Asked) -> Reply:
-        stop.set()
-        # Answered once the run has seen the stop.
-        return Reply(body=envelope([]), delay=0.5)
-
-    for user_id in ("u1", "u2", "u3"):
-        platform.serve_pages(f"{user_id}/subset_users", envelope([]))
-        platform.serve_pages(user_id, envelope([], meta(0, 1)))
-    platform.respond("u1/subset_users", first_list)
-    config = make_config(platform.url, ())
-    config = Config(
-        database=config.database,
-        api=config.api,
-        accounts=tuple(
-            MainAccount(user_id=user_id, discover_sub_accounts=True)
-            for user_id in ("u1", "u2", "u3")
-        ),
-    )
+    config = discovering(platform, "u1", "u2", "u3")
+    platform.respond("u1/subset_users", failing_and_stopping(stop))
 
     with Client(config.api) as client:
         summary = run_sync(config, engine=engine, client=client, stop=stop)
+
+    assert (summary.outcome, summary.accounts) == ("stopped", 0)
+    assert [asked.script for asked in platform.asked] == ["u1/subset_users"]
+    # What went wrong before the stop is kept.
+    (error,) = summary.errors
+    assert error.startswith("sub-account discovery failed: account u1, endpoint ")
+
+
+def test_a_stop_while_a_backfill_checks_its_accounts_lists_nothing_more(
+    platform: Platform, engine: Engine
+) -> None:
+    stop = threading.Event()
+    config = discovering(platform, "u1", "u2", "u3")
+    platform.respond("u1/subset_users", failing_and_stopping(stop))
+
+    with Client(config.api) as client:
+        summary = run_backfill(
+            config, selectors=["u3"], engine=engine, client=client, stop=stop
+        )
 
     assert (summary.outcome, summary.accounts) == ("stopped", 0)
     assert [asked.script for asked in platform.asked] == ["u1/subset_users"]

@@ -241,7 +241,7 @@ def _read_database(reader: _Reader, environ: Mapping[str, str]) -> DatabaseConfi
 
 def database_url_problem(url: str, *, in_memory: bool = True) -> str | None:
     """Why `url` cannot name a database of ours; None when it can. An
-    in-memory SQLite database, gone when the process ends, only if
+    in-memory SQLite database, gone when the process ends, passes only if
     `in_memory`.
 
     Never quotes the URL, nor the parser's message, which quotes the part

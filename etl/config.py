@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from etl.accounts import ID_LENGTH
@@ -258,15 +258,26 @@ def database_url_problem(url: str, *, in_memory: bool = True) -> str | None:
         # at the first query or two.
         return f"{parsed.drivername}:// is not supported; use {_URL_FORMS}"
     if backend == "postgresql":
-        # The part of a password after an unescaped @ is read as the host,
-        # and a failed connection would name that host.
-        if parsed.host and "@" in parsed.host:
-            return "an @ in the user name or password must be written as %40"
-        return None
-    if parsed.host or parsed.username or parsed.password or parsed.port:
+        return _postgresql_url_problem(url, parsed)
+    server = (parsed.username, parsed.password, parsed.host, parsed.port)
+    if any(part is not None for part in server):
         return "a SQLite URL names a file, not a server; expected sqlite:///PATH"
+    if "uri" in parsed.query:
+        # A URI filename names the file differently for each command.
+        return "SQLite URI filenames are not supported; expected sqlite:///PATH"
     if not in_memory and parsed.database in (None, "", ":memory:"):
         return "an in-memory SQLite database ends with the command; use a file"
+    return None
+
+
+def _postgresql_url_problem(url: str, parsed: URL) -> str | None:
+    # Past an unescaped @ in a password, the parser reads the rest as host,
+    # port or database, and a failed connection named that "host" (and had
+    # it resolved). Written as %40, an @ never shows in the URL twice.
+    if url.count("@") > 1 or (parsed.host and "@" in parsed.host):
+        return "an @ in the user name or password must be written as %40"
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        return "the port must be a number from 1 to 65535"
     return None
 
 

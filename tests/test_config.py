@@ -66,8 +66,15 @@ def test_environment_overrides_token_and_database(tmp_path: Path) -> None:
         ("s3cret", "not a database URL"),
         # Read as a host and a port: the parser's message quoted the password.
         ("postgresql+psycopg://etl:p@ss:s3cret@127.0.0.1/tasks", "not a database URL"),
-        # Read as a host: a failed connection named it.
+        # Read as a host, port or database: a failed connection named it.
         ("postgresql+psycopg://etl:p@s3cret@127.0.0.1/t", "an @ in the user name"),
+        ("postgresql+psycopg://etl:My@s3cret/24@127.0.0.1/t", "an @ in the user"),
+        ("postgresql+psycopg://etl:p@[s3cret]PW@127.0.0.1/t", "an @ in the user"),
+        ("postgresql+psycopg://etl:s3cret@127.0.0.1:99999/t", "the port must be"),
+        ("sqlite://:0/s3cret.db", "a SQLite URL names a file, not a server"),
+        ("sqlite://@/s3cret.db", "a SQLite URL names a file, not a server"),
+        ("sqlite:///file:s3cret.db?uri=true", "SQLite URI filenames are not"),
+        ("sqlite:///file::memory:?uri=true", "SQLite URI filenames are not"),
         ("sqlite://etl:s3cret@dbhost/tasks.db", "a SQLite URL names a file, not"),
         # Gone when the command ends: `migrate` said it migrated it.
         ("sqlite://", "an in-memory SQLite database ends with the command"),

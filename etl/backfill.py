@@ -35,6 +35,7 @@ from etl.sync import (
     Filters,
     Progress,
     RunSummary,
+    interruptible_sleep,
     make_client,
     parse_page,
     resolve_accounts,
@@ -96,38 +97,41 @@ def run_backfill(
 
     Setting `stop` ends it after the page being written, as for a sync.
     """
-    own_client = client is None
-    client = client or make_client(config)
     engine = engine or store.connect(config.database)
-    try:
-        store.check_schema(engine)
-        if selectors:
-            _check_selectors(config, client, engine, selectors, stop)
-        return run_sync(
-            config,
-            kind="backfill",
-            only=selectors,
-            filters=filters,
-            engine=engine,
-            client=client,
-            progress=progress,
-            stop=stop,
-            deadline=config.schedule.deadline,
-        )
-    finally:
-        if own_client:
-            client.close()
+    store.check_schema(engine)
+    if selectors:
+        _check_selectors(config, client, engine, selectors, stop)
+    # Without a client given, the run makes its own, whose retry and rate
+    # limit waits a stop or the deadline cuts short.
+    return run_sync(
+        config,
+        kind="backfill",
+        only=selectors,
+        filters=filters,
+        engine=engine,
+        client=client,
+        progress=progress,
+        stop=stop,
+        deadline=config.schedule.deadline,
+    )
 
 
 def _check_selectors(
     config: Config,
-    client: Client,
+    client: Client | None,
     engine: Engine,
     selectors: Sequence[str],
     stop: threading.Event | None,
 ) -> None:
     """Refuse selectors that name no account before a run is recorded; after
     a stop, leave the run to record it."""
+    if client is None:
+        # Waits that a stop cuts short: a list answered "retry after 60 s"
+        # five times held a stopped backfill for minutes.
+        halt = stop or threading.Event()
+        with make_client(config, sleep=interruptible_sleep(halt)) as own:
+            _check_selectors(config, own, engine, selectors, stop)
+        return
     # With the engine, a failed discovery still knows the earlier runs'
     # sub-accounts, so naming one of them is not refused.
     found, errors = resolve_accounts(config, client, engine, stop)

@@ -158,7 +158,7 @@ def run_sync(
     store.check_schema(engine)
     halt = threading.Event()
     own_client = client is None
-    client = client or make_client(config, sleep=_interruptible(halt))
+    client = client or make_client(config, sleep=interruptible_sleep(halt))
     run = _Run(config, engine, client, kind, filters, progress, halt)
     try:
         with SWITCH_INTERVAL.shortened():
@@ -215,7 +215,7 @@ def make_client(config: Config, sleep: Callable[[float], None] = time.sleep) -> 
     return Client(config.api, {k: v for k, v in tokens.items() if v}, sleep=sleep)
 
 
-def _interruptible(halt: threading.Event) -> Callable[[float], None]:
+def interruptible_sleep(halt: threading.Event) -> Callable[[float], None]:
     """A sleep for the client's retries and rate limit that a halt cuts short."""
 
     def sleep(seconds: float) -> None:
@@ -745,7 +745,12 @@ def resolve(
             found[(main.user_id, sub)] = Account(main.user_id, sub)
         if not main.discover_sub_accounts:
             continue
-        listed, error = _discover_or_recall(client, main.user_id, engine)
+        try:
+            listed, error = _discover_or_recall(client, main.user_id, engine)
+        except RunInterrupted:
+            # Stopped in a retry's or the rate limit's wait: what was found
+            # before still belongs in the run's record.
+            return Resolved(list(found.values()), errors, discovery_errors, True)
         for account in listed:
             found.setdefault(_key(account), account)
         if error is not None:

@@ -479,6 +479,47 @@ def test_a_stop_during_discovery_lists_no_further_main_account(
     assert error.startswith("sub-account discovery failed: account u1, endpoint ")
 
 
+def throttling_and_stopping(stop: threading.Event) -> Callable[[Asked], Reply]:
+    """A sub-account list that asks to be tried again in 5 s, and stops."""
+
+    def answer(asked: Asked) -> Reply:
+        stop.set()
+        return Reply(429, b'{"code":429}', (("Retry-After", "5"),))
+
+    return answer
+
+
+def test_a_stop_in_a_wait_during_discovery_keeps_what_went_wrong_before(
+    platform: Platform, engine: Engine
+) -> None:
+    stop = threading.Event()
+    config = discovering(platform, "u1", "u2", "u3")
+    platform.respond("u1/subset_users", failing_and_stopping(threading.Event()))
+    platform.respond("u2/subset_users", throttling_and_stopping(stop))
+
+    # The run's own client, whose waits a stop cuts short.
+    summary = run_sync(config, engine=engine, stop=stop)
+
+    assert (summary.outcome, summary.accounts) == ("stopped", 0)
+    scripts = [asked.script for asked in platform.asked]
+    assert scripts == ["u1/subset_users", "u2/subset_users"]
+    (error,) = summary.errors
+    assert error.startswith("sub-account discovery failed: account u1, endpoint ")
+
+
+def test_a_stop_in_a_wait_of_a_backfills_check_ends_it(
+    platform: Platform, engine: Engine
+) -> None:
+    stop = threading.Event()
+    config = discovering(platform, "u1", "u2", "u3")
+    platform.respond("u1/subset_users", throttling_and_stopping(stop))
+
+    summary = run_backfill(config, selectors=["u3"], engine=engine, stop=stop)
+
+    assert (summary.outcome, summary.accounts) == ("stopped", 0)
+    assert [asked.script for asked in platform.asked] == ["u1/subset_users"]
+
+
 def test_a_stop_while_a_backfill_checks_its_accounts_lists_nothing_more(
     platform: Platform, engine: Engine
 ) -> None:

@@ -55,9 +55,15 @@ def test_benchmark_measures_every_row_on_sqlite_and_the_delay_mode(
     assert "task-etl re-sync, 5 % changed" in output
     targets = {target["what"] for target in document["targets"]}
     assert "first sync / floor, sqlite, 200 tasks" in targets
-    assert "speed-up of 8 accounts in parallel over one account at a time" in targets
+    for sync in ("first sync", "re-sync"):
+        speedup = (
+            f"speed-up of 8 accounts in parallel over one account at a time, {sync}"
+        )
+        assert speedup in targets
+    runs = document["delay_runs"]
+    assert [run["requests"] for run in runs] == [runs[0]["requests"]] * 6
     busiest = [t for t in document["targets"] if t["what"].startswith("busiest")]
-    assert len(busiest) == 3
+    assert len(busiest) == 6
     assert all(t["value"] <= t["limit"] for t in busiest)
 
 

@@ -403,10 +403,14 @@ class Client:
             return f"<a JSON {_kind(value)}>"
         for secret in self._secrets:
             value = value.replace(secret, "***")
-        value = _URL.sub("<url>", value)
-        if len(value) > MESSAGE_LIMIT:
-            value = value[:MESSAGE_LIMIT] + "..."
-        return repr(value)
+        # Cut before looking for URLs: the pattern backtracks on a long run of
+        # letters, and a message of a million held the process for most of
+        # an hour. A URL the cut goes through keeps its scheme and is hidden.
+        window = value[: 2 * MESSAGE_LIMIT]
+        text = _URL.sub("<url>", window)
+        if len(text) > MESSAGE_LIMIT or len(window) < len(value):
+            text = text[:MESSAGE_LIMIT] + "..."
+        return repr(text)
 
     def _wait_to_retry(self, error: RetryableApiError, attempt: int) -> None:
         if error.retry_after is not None:

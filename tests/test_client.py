@@ -505,6 +505,23 @@ def test_other_4xx_is_fatal_at_once_and_quotes_a_short_message(platform, connect
     assert len(platform.requests) == 1
 
 
+# Hiding URLs once took time growing with the square of a message's length:
+# a message of 200,000 letters held the process for two minutes.
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("filler", ["A", "a.", "x1-"])
+def test_a_huge_message_is_quoted_short_at_once(platform, connect, filler):
+    message = f"hook {CALLBACK} said " + filler * (200_000 // len(filler))
+    platform.script(Reply(400, json.dumps({"message": message}).encode()))
+
+    with pytest.raises(FatalApiError) as caught:
+        get(connect())
+
+    text = str(caught.value)
+    assert "HTTP 400" in text and "'hook <url> said " + filler in text
+    assert text.endswith("...'") and len(text) < 400
+    assert CALLBACK not in text and "private-hook" not in text
+
+
 def test_accepts_code_as_a_string(platform, connect):
     platform.script(Reply(body=envelope([task(1)], code="200")))
 

@@ -16,9 +16,11 @@ import logging
 import math
 import os
 import sqlite3
+import threading
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from time import monotonic
@@ -42,11 +44,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from etl.accounts import Account
 from etl.config import DatabaseConfig, database_url_problem
-from etl.errors import StoreError
+from etl.errors import RunInterrupted, StoreError
 from etl.models import groups, sync_rejects, sync_runs, task_status_changes, tasks
 from etl.parse import GroupRecord, ListedTask, TaskRecord, payload_json
 
@@ -65,6 +67,13 @@ _IS_FLAGGED = tasks.c.unlisted_after.is_not(None)
 # Seconds between two additions of a writer's page counts to its run's row:
 # a run killed in between is left without the counts of that last stretch.
 RUN_COUNTS_EVERY = 1.0
+# How long SQLite waits for another writer before the wait comes back to
+# Python for a moment (see `_begin_immediate`).
+BUSY_TURN_SECONDS = 0.1
+# Set while a page is written: the event that ends its wait for the lock.
+_page_wait_ends_on: ContextVar[threading.Event | None] = ContextVar(
+    "_page_wait_ends_on", default=None
+)
 
 
 @dataclass(frozen=True)
@@ -200,7 +209,44 @@ def _tune_sqlite(engine: Engine, busy_timeout: float) -> None:
         # A page reads before it writes; taking the write lock up front means
         # a second writer waits for the busy timeout instead of failing on
         # the upgrade from a read lock.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        _begin_immediate(connection, busy_timeout)
+
+
+def _begin_immediate(connection: Connection, busy_timeout: float) -> None:
+    """Take SQLite's write lock, waiting up to `busy_timeout` for another
+    writer in turns of `BUSY_TURN_SECONDS`.
+
+    SQLite's own wait keeps the thread in C, and a signal's handler runs
+    only in the main thread between two bytecodes: a stop, and the second
+    signal that should exit at once, waited for the other writer or the
+    whole timeout. Between turns the handler runs, and a page being written
+    gives up when its run halts.
+    """
+    driver = connection.connection.driver_connection
+    assert driver is not None, "a connection being begun is open"
+    ends = monotonic() + busy_timeout
+    driver.execute(f"PRAGMA busy_timeout = {int(BUSY_TURN_SECONDS * 1000)}")
+    try:
+        while True:
+            try:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+                return
+            except OperationalError as exc:
+                if not _is_busy(exc) or monotonic() >= ends:
+                    raise
+            halt = _page_wait_ends_on.get()
+            if halt is not None and halt.is_set():
+                raise RunInterrupted("stopped while waiting for another writer")
+    finally:
+        driver.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+
+
+def _is_busy(exc: OperationalError) -> bool:
+    orig = exc.orig
+    # The extended codes (SQLITE_BUSY_SNAPSHOT and others) keep the primary
+    # code in their low byte.
+    code = getattr(orig, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == sqlite3.SQLITE_BUSY
 
 
 def write_page(
@@ -220,8 +266,11 @@ class PageWriter:
     the connection, so a broken one is replaced for the next page.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, halt: threading.Event | None = None) -> None:
         self.engine = engine
+        # Set when the run halts: a page waiting for SQLite's write lock then
+        # gives up instead of waiting out the busy timeout.
+        self.halt = halt
         self._connection: Connection | None = None
         # The name each script group was stored with by this writer: the
         # same few groups are on every page, and upserting them again each
@@ -248,6 +297,7 @@ class PageWriter:
     ) -> PageCounts:
         """Store one page in one transaction and say what changed."""
         listed = _deduplicate(batch.records)
+        waiting = _page_wait_ends_on.set(self.halt)
         try:
             plan = self._write(run_id, batch, listed, previous_complete)
         except (SQLAlchemyError, sqlite3.Error, ValueError, OverflowError) as exc:
@@ -258,6 +308,11 @@ class PageWriter:
                 f"account {batch.account.label}, endpoint {batch.endpoint}, page "
                 f"{batch.number}: the page was not written: {_first_line(exc)}"
             ) from exc
+        except RunInterrupted:
+            self.close()
+            raise
+        finally:
+            _page_wait_ends_on.reset(waiting)
         return plan.counts
 
     def _write(

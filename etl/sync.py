@@ -254,7 +254,7 @@ class _Run:
         self.halted_by: str | None = None
         self.cut_short = False
         self.locks: locks.AccountLocks | None = None
-        self.writer = store.PageWriter(engine)
+        self.writer = store.PageWriter(engine, halt=self.stop)
         # Room for two pages per fetcher keeps them busy while the writer
         # works, and bounds memory whatever the number of pages.
         self.queue: queue.Queue[PageBatch | _WalkEnd] = queue.Queue(
@@ -576,6 +576,8 @@ class _Run:
             assert self.locks is not None, "locks are taken inside locks.hold()"
             self.locks.confirm(batch.account)
             counts = self.writer.write(self.run_id, batch, state.previous_complete)
+        except RunInterrupted:
+            raise  # halted while waiting for the database: not the account's fault
         except EtlError as exc:
             self._fail(batch.account, str(exc))
             return

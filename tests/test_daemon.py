@@ -6,6 +6,7 @@ what it did from the database. Every wait is bounded.
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -26,7 +27,7 @@ from etl import store
 from etl.config import ApiConfig, Config, DatabaseConfig, MainAccount
 from etl.models import sync_run_accounts, sync_runs, task_status_changes, tasks
 from etl.simulator import SimServer, Simulator
-from etl.sync import RunSummary, run_sync
+from etl.sync import Progress, RunSummary, run_sync
 
 TOKEN = "sim-token"
 EXIT_WAIT = 20.0
@@ -277,6 +278,87 @@ def test_a_second_signal_exits_at_once_and_the_next_run_cleans_up(
 
 def load(path: Path) -> config_module.Config:
     return config_module.load(path, {"TASK_ETL_TOKEN": TOKEN})
+
+
+@pytest.fixture
+def sqlite_engine(sqlite_url: str) -> Iterator[Engine]:
+    engine = store.connect(DatabaseConfig(url=sqlite_url))
+    store.migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+def other_writer(sqlite_url: str) -> sqlite3.Connection:
+    """A connection of the test's own, to hold SQLite's write lock with."""
+    path = sqlite_url.removeprefix("sqlite:///")
+    return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+
+
+def test_a_stop_ends_a_page_s_wait_for_another_writer(
+    tmp_path: Path,
+    server: SimServer,
+    simulator: Simulator,
+    sqlite_url: str,
+    sqlite_engine: Engine,
+) -> None:
+    # The page used to wait out the busy timeout, 30 s here, and was written
+    # once the other writer let go, after the stop.
+    add_tasks(simulator, 8, only_main=True)
+    config = load(write_config(tmp_path, server, simulator, sqlite_url))
+    stop, holder = threading.Event(), other_writer(sqlite_url)
+    stored_then: list[int] = []
+
+    def hold_the_lock_after_a_page(progress: Progress) -> None:
+        if progress.pages == 1:
+            holder.execute("BEGIN IMMEDIATE")
+            stored_then.append(
+                holder.execute("SELECT count(*) FROM tasks").fetchone()[0]
+            )
+            threading.Timer(0.3, stop.set).start()
+            threading.Timer(3.0, holder.execute, ["ROLLBACK"]).start()
+
+    summary = run_sync(
+        config, engine=sqlite_engine, progress=hold_the_lock_after_a_page, stop=stop
+    )
+    holder.close()
+
+    assert (summary.outcome, summary.pages, summary.accounts_failed) == (
+        "stopped",
+        1,
+        0,
+    )
+    assert summary.errors == ()
+    assert count(sqlite_engine, tasks) == stored_then[0] == summary.counts.seen
+
+
+def test_a_second_signal_exits_at_once_while_another_writer_holds_sqlite(
+    tmp_path: Path,
+    server: SimServer,
+    simulator: Simulator,
+    sqlite_url: str,
+    sqlite_engine: Engine,
+    started: Callable[..., Daemon],
+) -> None:
+    # A signal's handler runs in the main thread between two bytecodes, which
+    # SQLite's own wait for its lock never reached: the second signal was
+    # handled only when the busy timeout of 30 s had passed.
+    add_tasks(simulator, 8, only_main=True)
+    simulator.delay = 0.2
+    path = write_config(tmp_path, server, simulator, sqlite_url)
+    run_process = started(path, "sync")
+    wait_until(lambda: "run 1 (sync) started" in run_process.log, "the run started")
+    holder = other_writer(sqlite_url)
+    holder.execute("BEGIN IMMEDIATE")
+    time.sleep(1.0)  # the run now waits for the lock
+
+    run_process.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    code = run_process.stop(signal.SIGTERM)
+    holder.execute("ROLLBACK")
+    holder.close()
+
+    assert code == 128 + signal.SIGTERM, run_process.log
+    assert "second SIGTERM: exiting at once" in run_process.log
 
 
 def test_two_daemons_never_walk_the_same_account_at_once(

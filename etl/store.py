@@ -224,15 +224,20 @@ def _begin_immediate(connection: Connection, busy_timeout: float) -> None:
     """
     driver = connection.connection.driver_connection
     assert driver is not None, "a connection being begun is open"
-    ends = monotonic() + busy_timeout
-    driver.execute(f"PRAGMA busy_timeout = {int(BUSY_TURN_SECONDS * 1000)}")
+    turn = min(BUSY_TURN_SECONDS, busy_timeout)
+    driver.execute(f"PRAGMA busy_timeout = {max(1, int(turn * 1000))}")
+    ends = None  # known from the first turn that found the lock taken
     try:
         while True:
             try:
                 connection.exec_driver_sql("BEGIN IMMEDIATE")
                 return
             except OperationalError as exc:
-                if not _is_busy(exc) or monotonic() >= ends:
+                if not _is_busy(exc):
+                    raise
+                now = monotonic()
+                ends = ends or now + busy_timeout - turn
+                if now >= ends:
                     raise
             halt = _page_wait_ends_on.get()
             if halt is not None and halt.is_set():

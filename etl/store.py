@@ -20,6 +20,7 @@ import threading
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -70,9 +71,9 @@ RUN_COUNTS_EVERY = 1.0
 # How long SQLite waits for another writer before the wait comes back to
 # Python for a moment (see `_begin_immediate`).
 BUSY_TURN_SECONDS = 0.1
-# Set while a page is written: the event that ends its wait for the lock.
-_page_wait_ends_on: ContextVar[threading.Event | None] = ContextVar(
-    "_page_wait_ends_on", default=None
+# The event that ends this thread's waits for the lock (see `lock_waits_end_on`).
+_lock_wait_ends_on: ContextVar[threading.Event | None] = ContextVar(
+    "_lock_wait_ends_on", default=None
 )
 
 
@@ -219,8 +220,8 @@ def _begin_immediate(connection: Connection, busy_timeout: float) -> None:
     SQLite's own wait keeps the thread in C, and a signal's handler runs
     only in the main thread between two bytecodes: a stop, and the second
     signal that should exit at once, waited for the other writer or the
-    whole timeout. Between turns the handler runs, and a page being written
-    gives up when its run halts.
+    whole timeout. Between turns the handler runs, and a wait inside
+    `lock_waits_end_on` gives up when its event is set.
     """
     driver = connection.connection.driver_connection
     assert driver is not None, "a connection being begun is open"
@@ -239,11 +240,22 @@ def _begin_immediate(connection: Connection, busy_timeout: float) -> None:
                 ends = ends or now + busy_timeout - turn
                 if now >= ends:
                     raise
-            halt = _page_wait_ends_on.get()
+            halt = _lock_wait_ends_on.get()
             if halt is not None and halt.is_set():
                 raise RunInterrupted("stopped while waiting for another writer")
     finally:
         driver.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+
+
+@contextmanager
+def lock_waits_end_on(halt: threading.Event) -> Iterator[None]:
+    """Within: a wait for SQLite's write lock ends, raising `RunInterrupted`,
+    once `halt` is set. Nothing is written by a transaction never begun."""
+    waiting = _lock_wait_ends_on.set(halt)
+    try:
+        yield
+    finally:
+        _lock_wait_ends_on.reset(waiting)
 
 
 def _is_busy(exc: OperationalError) -> bool:
@@ -271,11 +283,8 @@ class PageWriter:
     the connection, so a broken one is replaced for the next page.
     """
 
-    def __init__(self, engine: Engine, halt: threading.Event | None = None) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        # Set when the run halts: a page waiting for SQLite's write lock then
-        # gives up instead of waiting out the busy timeout.
-        self.halt = halt
         self._connection: Connection | None = None
         # The name each script group was stored with by this writer: the
         # same few groups are on every page, and upserting them again each
@@ -302,7 +311,6 @@ class PageWriter:
     ) -> PageCounts:
         """Store one page in one transaction and say what changed."""
         listed = _deduplicate(batch.records)
-        waiting = _page_wait_ends_on.set(self.halt)
         try:
             plan = self._write(run_id, batch, listed, previous_complete)
         except (SQLAlchemyError, sqlite3.Error, ValueError, OverflowError) as exc:
@@ -316,8 +324,6 @@ class PageWriter:
         except RunInterrupted:
             self.close()
             raise
-        finally:
-            _page_wait_ends_on.reset(waiting)
         return plan.counts
 
     def _write(

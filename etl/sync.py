@@ -254,7 +254,7 @@ class _Run:
         self.halted_by: str | None = None
         self.cut_short = False
         self.locks: locks.AccountLocks | None = None
-        self.writer = store.PageWriter(engine, halt=self.stop)
+        self.writer = store.PageWriter(engine)
         # Room for two pages per fetcher keeps them busy while the writer
         # works, and bounds memory whatever the number of pages.
         self.queue: queue.Queue[PageBatch | _WalkEnd] = queue.Queue(
@@ -569,15 +569,13 @@ class _Run:
         state = self.states[batch.account]
         if state.failed:
             return
-        if state.started is None:
-            state.started = batch.fetched_at
-            state.previous_complete = runs.previous_complete(self.engine, batch.account)
         try:
-            assert self.locks is not None, "locks are taken inside locks.hold()"
-            self.locks.confirm(batch.account)
-            counts = self.writer.write(self.run_id, batch, state.previous_complete)
+            # A halt drops the page while it waits for SQLite's write lock,
+            # held by another process, instead of writing it after the stop.
+            with store.lock_waits_end_on(self.stop):
+                counts = self._store(batch, state)
         except RunInterrupted:
-            raise  # halted while waiting for the database: not the account's fault
+            raise  # not the account's fault: the run ends as cut short
         except EtlError as exc:
             self._fail(batch.account, str(exc))
             return
@@ -587,6 +585,14 @@ class _Run:
         self.counts.add(counts)
         self.pages += 1
         self._report_progress()
+
+    def _store(self, batch: PageBatch, state: _AccountState) -> PageCounts:
+        if state.started is None:
+            state.previous_complete = runs.previous_complete(self.engine, batch.account)
+            state.started = batch.fetched_at
+        assert self.locks is not None, "locks are taken inside locks.hold()"
+        self.locks.confirm(batch.account)
+        return self.writer.write(self.run_id, batch, state.previous_complete)
 
     def _end_walk(self, end: _WalkEnd) -> None:
         state = self.states[end.account]

@@ -309,7 +309,7 @@ def test_a_stop_ends_a_page_s_wait_for_another_writer(
     stored_then: list[int] = []
 
     def hold_the_lock_after_a_page(progress: Progress) -> None:
-        if progress.pages == 1:
+        if progress.pages == 1 and not stored_then:
             holder.execute("BEGIN IMMEDIATE")
             stored_then.append(
                 holder.execute("SELECT count(*) FROM tasks").fetchone()[0]

@@ -32,6 +32,11 @@ DATABASE_ENV = "TASK_ETL_DATABASE_URL"
 T = TypeVar("T")
 
 LONGEST_DURATION = 365 * 86400
+# The longest timeout, backoff or wait of a single request or lock: past a
+# day it is a typo, and past some size it overflows a clock sum.
+LONGEST_WAIT = 86400.0
+# A faster rate is a typo; a slower one spaces requests past LONGEST_WAIT.
+REQUEST_RATES = (0.001, 100_000.0)
 
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([smhdSMHD]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -234,7 +239,7 @@ def _read_database(reader: _Reader, environ: Mapping[str, str]) -> DatabaseConfi
         reader.fail("url", problem)
     return DatabaseConfig(
         url=url,
-        busy_timeout=reader.positive("busy_timeout", default.busy_timeout),
+        busy_timeout=reader.seconds("busy_timeout", default.busy_timeout),
         source=source,
     )
 
@@ -327,20 +332,30 @@ def _read_api(reader: _Reader, environ: Mapping[str, str], tokens: bool) -> ApiC
         token=_read_token(reader, "token", environ, TOKEN_ENV) if tokens else "",
         timezone=timezone,
         page_size=reader.count("page_size", d.page_size),
-        connect_timeout=reader.positive("connect_timeout", d.connect_timeout),
-        read_timeout=reader.positive("read_timeout", d.read_timeout),
+        connect_timeout=reader.seconds("connect_timeout", d.connect_timeout),
+        read_timeout=reader.seconds("read_timeout", d.read_timeout),
         max_retries=reader.count("max_retries", d.max_retries, minimum=0),
-        backoff_initial=reader.positive("backoff_initial", d.backoff_initial),
-        backoff_max=reader.positive("backoff_max", d.backoff_max),
-        retry_after_max=reader.positive("retry_after_max", d.retry_after_max),
-        requests_per_second=reader.positive(
-            "requests_per_second", d.requests_per_second
-        ),
+        backoff_initial=reader.seconds("backoff_initial", d.backoff_initial),
+        backoff_max=reader.seconds("backoff_max", d.backoff_max),
+        retry_after_max=reader.seconds("retry_after_max", d.retry_after_max),
+        requests_per_second=_read_rate(reader, d.requests_per_second),
         parallelism=reader.count("parallelism", d.parallelism),
         max_pages=reader.count("max_pages", d.max_pages),
         ca_bundle=reader.get("ca_bundle", str, None),
         endpoints=_read_endpoints(reader.table("endpoints")),
     )
+
+
+def _read_rate(reader: _Reader, default: float) -> float:
+    slowest, fastest = REQUEST_RATES
+    rate = reader.positive("requests_per_second", default, most=fastest)
+    if rate < slowest:
+        reader.fail(
+            "requests_per_second",
+            f"must be at least {slowest:g} (a request every {1 / slowest:g} s), "
+            f"got {rate:g}",
+        )
+    return rate
 
 
 def _read_endpoints(reader: _Reader) -> Endpoints:
@@ -552,11 +567,24 @@ class _Reader:
             self.fail(key, "required key is missing")
         return self.get(key, kind, None)
 
-    def positive(self, key: str, default: float) -> float:
+    def positive(
+        self, key: str, default: float, *, most: float, unit: str = ""
+    ) -> float:
+        """A number greater than 0 and at most `most` `unit`. TOML reads nan
+        and inf as numbers, and NaN slips past every comparison: both crashed
+        a run long after the configuration was read."""
         value = float(self.get(key, float, default))
+        if not math.isfinite(value):
+            self.fail(key, f"must be a finite number, got {value}")
         if value <= 0:
             self.fail(key, "must be greater than 0")
+        if value > most:
+            self.fail(key, f"must be at most {most:g}{unit}, got {value:g}")
         return value
+
+    def seconds(self, key: str, default: float) -> float:
+        """A timeout or a wait: seconds, greater than 0 and at most a day."""
+        return self.positive(key, default, most=LONGEST_WAIT, unit=" s (a day)")
 
     def count(self, key: str, default: int, minimum: int = 1) -> int:
         value = int(self.get(key, int, default))

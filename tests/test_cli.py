@@ -122,6 +122,39 @@ def test_bad_configuration_exits_2_naming_key_and_file(
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("command", "text", "message"),
+    [
+        (
+            "status",
+            "[database]\nbusy_timeout = nan\n",
+            "database.busy_timeout: must be a finite number, got nan",
+        ),
+        (
+            "sync",
+            "[api]\nbase_url = 'http://127.0.0.1:9'\nrequests_per_second = inf\n",
+            "api.requests_per_second: must be a finite number, got inf",
+        ),
+        (
+            "sync",
+            "[api]\nbase_url = 'http://127.0.0.1:9'\nread_timeout = 1e308\n",
+            "api.read_timeout: must be at most 86400 s (a day), got 1e+308",
+        ),
+    ],
+    ids=["busy-timeout-nan", "rate-inf", "timeout-huge"],
+)
+def test_a_number_out_of_range_exits_2_before_any_work(
+    tmp_path: Path, command: str, text: str, message: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text + "[[accounts]]\nuser_id = 'u'\n", encoding="utf-8")
+
+    result = invoke("--config", str(path), command)
+
+    assert result.exit_code == 2
+    assert result.stderr == f"Error: {path}: {message}\n"
+
+
 def test_missing_configuration_exits_2(tmp_path: Path) -> None:
     result = invoke("--config", str(tmp_path / "none.toml"), "sync")
 

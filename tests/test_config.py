@@ -297,6 +297,72 @@ def test_bad_files_name_the_key_and_the_file(
     assert raised.value.exit_code == 2
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("api.requests_per_second = nan", "must be a finite number, got nan"),
+        ("api.requests_per_second = inf", "must be a finite number, got inf"),
+        ("api.requests_per_second = -inf", "must be a finite number, got -inf"),
+        ("api.requests_per_second = 100001", "must be at most 100000, got 100001"),
+        ("api.requests_per_second = 1e-300", "must be at least 0.001 (a request"),
+        ("api.read_timeout = nan", "must be a finite number, got nan"),
+        ("api.read_timeout = 1e308", "must be at most 86400 s (a day), got 1e+308"),
+        ("api.connect_timeout = inf", "must be a finite number, got inf"),
+        ("api.connect_timeout = 86401", "must be at most 86400 s (a day)"),
+        ("api.backoff_initial = inf", "must be a finite number, got inf"),
+        ("api.backoff_max = nan", "must be a finite number, got nan"),
+        ("api.retry_after_max = nan", "must be a finite number, got nan"),
+        ("api.retry_after_max = 1e6", "must be at most 86400 s (a day)"),
+        ("database.busy_timeout = nan", "must be a finite number, got nan"),
+        ("database.busy_timeout = 1e20", "must be at most 86400 s (a day)"),
+        ("database.busy_timeout = 0", "must be greater than 0"),
+        ("schedule.interval = nan", "a duration cannot be nan"),
+        ("schedule.deadline = inf", "a duration cannot be inf"),
+        (f'locks.lease = "{"9" * 400}s"', "a duration cannot be"),
+        ('locks.wait = "8761h"', "a duration can be at most 365d"),
+    ],
+)
+def test_a_number_setting_out_of_its_range_is_refused_naming_it(
+    tmp_path: Path, setting: str, message: str
+) -> None:
+    # Each crashed a run, or the status command, long after loading.
+    table, assignment = setting.split(".", 1)
+    key = assignment.split(" = ")[0]
+    text = (
+        MINIMAL.replace("[api]", f"[api]\n{assignment}")
+        if table == "api"
+        else f"[{table}]\n{assignment}\n{MINIMAL}"
+    )
+    path = write(tmp_path, text)
+
+    with pytest.raises(ConfigError) as raised:
+        config.load(path, {})
+
+    assert str(raised.value).startswith(f"{path}: {table}.{key}: {message}")
+    assert raised.value.exit_code == 2
+
+
+def test_number_settings_at_the_ends_of_their_ranges_are_taken(
+    tmp_path: Path,
+) -> None:
+    text = MINIMAL.replace(
+        "[api]",
+        "[database]\nbusy_timeout = 86400\n[api]\nread_timeout = 86400\n"
+        "connect_timeout = 0.001\nrequests_per_second = 0.001\n",
+    )
+
+    loaded = config.load(write(tmp_path, text), {})
+    fastest = config.load(
+        write(tmp_path, MINIMAL.replace("[api]", "[api]\nrequests_per_second = 1e5")),
+        {},
+    )
+
+    assert loaded.database.busy_timeout == 86400.0
+    assert (loaded.api.read_timeout, loaded.api.connect_timeout) == (86400.0, 0.001)
+    assert loaded.api.requests_per_second == 0.001
+    assert fastest.api.requests_per_second == 100_000.0
+
+
 def test_missing_file_says_how_to_give_one(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         config.load(tmp_path / "nope.toml", {})

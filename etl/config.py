@@ -163,8 +163,7 @@ def load(
     environ = os.environ if environ is None else environ
     path = Path(path)
     try:
-        with path.open("rb") as file:
-            document = tomllib.load(file)
+        document = tomllib.loads(_text(path.read_bytes(), str(path)))
     except FileNotFoundError:
         raise ConfigError(
             "file not found (give --config or set TASK_ETL_CONFIG)", path=str(path)
@@ -172,6 +171,26 @@ def load(
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read: {exc}", path=str(path)) from None
     return parse(document, str(path), environ, tokens=tokens)
+
+
+def _text(data: bytes, path: str) -> str:
+    """The file as text: TOML is UTF-8. A UTF-8 byte-order mark, which
+    Windows editors write, is skipped; TOML's parser called it an invalid
+    statement at line 1."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(
+            "starts with a UTF-16 byte-order mark: TOML files are UTF-8",
+            path=path,
+        )
+    try:
+        return data.removeprefix(b"\xef\xbb\xbf").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line} "
+            "(TOML files are UTF-8)",
+            path=path,
+        ) from None
 
 
 def parse(

@@ -155,6 +155,20 @@ def test_a_number_out_of_range_exits_2_before_any_work(
     assert result.stderr == f"Error: {path}: {message}\n"
 
 
+def test_a_configuration_that_is_not_utf8_exits_2_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_bytes(b"\xff\xfe[api]\n")
+
+    result = invoke("--config", str(path), "status")
+
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"Error: {path}: starts with a UTF-16 byte-order mark: TOML files are UTF-8\n"
+    )
+
+
 def test_missing_configuration_exits_2(tmp_path: Path) -> None:
     result = invoke("--config", str(tmp_path / "none.toml"), "sync")
 

@@ -363,6 +363,45 @@ def test_number_settings_at_the_ends_of_their_ranges_are_taken(
     assert fastest.api.requests_per_second == 100_000.0
 
 
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            "[api]\n".encode("utf-16"),
+            "starts with a UTF-16 byte-order mark: TOML files are UTF-8",
+        ),
+        (
+            b"\xff\xfe\xff",
+            "starts with a UTF-16 byte-order mark: TOML files are UTF-8",
+        ),
+        (
+            '[api]\nbase_url = "http://h\u00e9"\n'.encode("latin-1"),
+            "not UTF-8 text: byte 0xe9 at line 2 (TOML files are UTF-8)",
+        ),
+    ],
+    ids=["utf-16", "utf-16-mark-then-garbage", "latin-1"],
+)
+def test_a_file_that_is_not_utf8_is_named_in_one_line(
+    tmp_path: Path, data: bytes, message: str
+) -> None:
+    path = tmp_path / "task-etl.toml"
+    path.write_bytes(data)
+
+    with pytest.raises(ConfigError) as raised:
+        config.load(path, {})
+
+    assert str(raised.value) == f"{path}: {message}"
+    assert raised.value.exit_code == 2
+
+
+def test_a_utf8_byte_order_mark_is_skipped(tmp_path: Path) -> None:
+    # Windows editors write one; TOML's parser called it an invalid statement.
+    path = tmp_path / "task-etl.toml"
+    path.write_bytes(MINIMAL.encode("utf-8-sig"))
+
+    assert config.load(path, {}).api.base_url == "http://127.0.0.1:9"
+
+
 def test_missing_file_says_how_to_give_one(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         config.load(tmp_path / "nope.toml", {})

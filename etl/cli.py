@@ -7,10 +7,11 @@ Results go to stdout; logs go to stderr. An expected failure is one line,
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import threading
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -20,7 +21,7 @@ from etl import backfill as backfill_module
 from etl import config as config_module
 from etl import demo as demo_module
 from etl import html_report, report, rollup, schedule, store
-from etl.config import Config
+from etl.config import LONGEST_DURATION, LONGEST_WAIT, Config
 from etl.errors import EtlError
 from etl.sync import Filters, run_sync
 
@@ -30,7 +31,25 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 # `status --max-age`: the newest good sync is too old, or there is none.
 EXIT_STALE = 5
 
+# A report reaches back at most a century, and not before the epoch: earlier,
+# the period's start overflowed Python's dates in a traceback.
+LONGEST_REPORT_DAYS = 36_500
+EARLIEST_SINCE = datetime(1970, 1, 1)
+# More runs than anyone reads; past 2**63 SQLite's LIMIT overflowed.
+MOST_RUNS_SHOWN = 1_000_000
+
 QUIET_LOGGERS = ("sqlalchemy.engine", "apscheduler", "urllib3", "alembic")
+
+
+class FiniteRange(click.FloatRange):
+    """A FloatRange that also refuses nan, which passes its comparisons and
+    then crashed the command in a traceback."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return number
 
 
 class Context:
@@ -249,7 +268,13 @@ def backfill(
 
 
 @main.command()
-@click.option("--limit", default=10, show_default=True, help="How many runs.")
+@click.option(
+    "--limit",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1, MOST_RUNS_SHOWN),
+    help="How many runs.",
+)
 @click.option(
     "--max-age",
     metavar="DURATION",
@@ -309,7 +334,7 @@ def _max_age(value: str | None) -> timedelta | None:
 @main.command("report")
 @click.option(
     "--days",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, LONGEST_REPORT_DAYS),
     help=f"The last DAYS days [default: {html_report.DEFAULT_DAYS}].",
 )
 @click.option(
@@ -335,6 +360,10 @@ def report_command(
     def action() -> int:
         config = ctx.obj.config(tokens=False)
         start = since.replace(tzinfo=config.api.zone) if since else None
+        if start is not None and start > datetime.now(UTC):
+            # An empty period, and past year 9999 a traceback.
+            message = f"{start:%Y-%m-%d %H:%M} is in the future ({config.api.timezone})"
+            raise click.BadParameter(message, param_hint="'--since'")
         click.echo(
             html_report.run_report(config, days=days, since=start, html_path=html_path)
         )
@@ -348,9 +377,12 @@ def _since(value: str | None) -> Any:
         return None
     for layout in ("%Y-%m-%d", "%Y-%m-%d %H:%M"):
         try:
-            return datetime.strptime(value, layout)
+            since = datetime.strptime(value, layout)
         except ValueError:
             continue
+        if since < EARLIEST_SINCE:
+            raise click.BadParameter(f"{value!r} is before 1970-01-01")
+        return since
     raise click.BadParameter(f"{value!r} is not YYYY-MM-DD or 'YYYY-MM-DD HH:MM'")
 
 
@@ -385,9 +417,16 @@ def _since(value: str | None) -> Any:
     "--tick",
     default=0.0,
     show_default=True,
+    type=FiniteRange(0, LONGEST_WAIT),
     help="Every TICK real seconds, advance simulated time by STEP (0: never).",
 )
-@click.option("--step", default=300.0, show_default=True, help="Seconds per tick.")
+@click.option(
+    "--step",
+    default=300.0,
+    show_default=True,
+    type=FiniteRange(0, LONGEST_DURATION),
+    help="Seconds per tick.",
+)
 @click.option(
     "--fault",
     "fault_rates",
@@ -404,6 +443,7 @@ def _since(value: str | None) -> Any:
     "--stall",
     default=35.0,
     show_default=True,
+    type=FiniteRange(0, LONGEST_WAIT, min_open=True),
     help="Seconds a stalled response holds; above the client's read timeout.",
 )
 @click.option(

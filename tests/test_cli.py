@@ -227,3 +227,25 @@ def test_status_and_report_need_no_token(
 
     assert (status.exit_code, report.exit_code) == (0, 0), status.output
     assert "Last good sync:" in status.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--tick", "nan"), "Invalid value for '--tick': 'nan' is not a number"),
+        (("--tick", "inf"), "Invalid value for '--tick': inf is not in the range"),
+        (("--step", "1e308"), "Invalid value for '--step': 1e+308 is not in the"),
+        (("--step", "-1"), "Invalid value for '--step': -1.0 is not in the range"),
+        (("--stall", "nan"), "Invalid value for '--stall': 'nan' is not a number"),
+    ],
+    ids=["tick-nan", "tick-inf", "step-huge", "step-negative", "stall-nan"],
+)
+def test_simulate_refuses_times_out_of_range_before_serving(
+    args: tuple[str, ...], message: str
+) -> None:
+    # Each crashed the serving loop in a traceback.
+    result = invoke("simulate", "--port", "0", *args)
+
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Simulator on" not in result.output

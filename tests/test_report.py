@@ -135,7 +135,25 @@ def _aware(value: datetime | str) -> datetime:
             "'yesterday' is not YYYY-MM-DD or 'YYYY-MM-DD HH:MM'",
             id="bad-since",
         ),
-        pytest.param(("--days", "0"), "0 is not in the range x>=1", id="no-days"),
+        pytest.param(
+            ("--days", "0"), "0 is not in the range 1<=x<=36500", id="no-days"
+        ),
+        # Each ended in an OverflowError traceback and exit 1.
+        pytest.param(
+            ("--days", "800000"),
+            "800000 is not in the range 1<=x<=36500",
+            id="days-past-year-1",
+        ),
+        pytest.param(
+            ("--since", "0001-01-01"),
+            "'0001-01-01' is before 1970-01-01",
+            id="since-year-1",
+        ),
+        pytest.param(
+            ("--since", "9999-12-31 23:59"),
+            "9999-12-31 23:59 is in the future (Asia/Shanghai)",
+            id="since-in-the-future",
+        ),
     ],
 )
 def test_report_refuses_a_bad_period(
@@ -145,6 +163,19 @@ def test_report_refuses_a_bad_period(
 
     assert result.exit_code == 2
     assert message in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_report_takes_the_ends_of_the_period_ranges(
+    tmp_path: Path, history: History
+) -> None:
+    config = write_config(tmp_path, history)
+
+    longest = invoke("--config", config, "report", "--days", "36500")
+    earliest = invoke("--config", config, "report", "--since", "1970-01-01")
+
+    assert (longest.exit_code, earliest.exit_code) == (0, 0), longest.output
+    assert earliest.stdout.startswith("Report for 1970-01-01 00:00 to ")
 
 
 def chromium_or_skip() -> str:

@@ -253,6 +253,19 @@ def test_a_duration_too_long_for_a_date_is_a_usage_error(
     ) in " ".join(result.stderr.split())
 
 
+@pytest.mark.parametrize("limit", ["0", "-1", "1000001", "99999999999999999999"])
+def test_a_limit_out_of_range_is_a_usage_error(config: str, limit: str) -> None:
+    # Past 2**63 SQLite's LIMIT overflowed in a traceback; -1 meant no limit
+    # on SQLite and an error on PostgreSQL.
+    result = invoke("--config", config, "status", "--limit", limit)
+
+    assert result.exit_code == 2
+    assert (
+        f"Invalid value for '--limit': {limit} is not in the range 1<=x<=1000000"
+        in (" ".join(result.stderr.split()))
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [("90s", 90), ("30m", 1800), ("2h", 7200), ("1d", 86400), (" 5M ", 300)],

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy.engine import URL, make_url
@@ -337,8 +338,9 @@ def _read_api(reader: _Reader, environ: Mapping[str, str], tokens: bool) -> ApiC
         }
     )
     base_url = reader.require("base_url", str).rstrip("/")
-    if not base_url.startswith(("http://", "https://")):
-        reader.fail("base_url", "must start with http:// or https://")
+    problem = _base_url_problem(base_url)
+    if problem:
+        reader.fail("base_url", problem)
     timezone = reader.get("timezone", str, "Asia/Shanghai")
     try:
         ZoneInfo(timezone)
@@ -363,6 +365,39 @@ def _read_api(reader: _Reader, environ: Mapping[str, str], tokens: bool) -> ApiC
         ca_bundle=reader.get("ca_bundle", str, None),
         endpoints=_read_endpoints(reader.table("endpoints")),
     )
+
+
+def _base_url_problem(url: str) -> str | None:
+    """Why `url` cannot be the platform's base URL; None when it can.
+
+    Found only by the first request, each of these failed every account of
+    every run. The endpoints' paths are appended to the URL as it is, so a
+    path would be doubled or a query cut the endpoint off.
+    """
+    if not url.startswith(("http://", "https://")):
+        return "must start with http:// or https://"
+    if any(char.isspace() or not char.isprintable() for char in url):
+        return "must not hold spaces or control characters"
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "not a URL; expected https://HOST or https://HOST:PORT"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port is not None and not 0 < port < 65536:
+        return "the port must be a number from 1 to 65535"
+    if not parts.hostname:
+        return "must name a host, as https://HOST or https://HOST:PORT"
+    if parts.username is not None:
+        return "must not hold a user name or password; the token authenticates"
+    if parts.path or parts.query or parts.fragment:
+        return (
+            "must be https://HOST or https://HOST:PORT without a path, query or "
+            "fragment (a path prefix goes in [api.endpoints])"
+        )
+    return None
 
 
 def _read_rate(reader: _Reader, default: float) -> float:

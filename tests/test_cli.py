@@ -105,8 +105,12 @@ def test_wrong_token_fails_every_account_without_showing_it(
         ("[api]\nbase_url = 1\n", "api.base_url: expected a string, got an integer"),
         ("[[accounts]]\nuser_id = 'u'\n", "api.base_url: required key is missing"),
         ("nonsense", "cannot read"),
+        (
+            "[api]\nbase_url = 'http://127.0.0.1:99999'\n",
+            "api.base_url: the port must be a number from 1 to 65535",
+        ),
     ],
-    ids=["wrong-type", "missing-key", "not-toml"],
+    ids=["wrong-type", "missing-key", "not-toml", "base-url-port"],
 )
 def test_bad_configuration_exits_2_naming_key_and_file(
     tmp_path: Path, text: str, message: str

@@ -402,6 +402,59 @@ def test_a_utf8_byte_order_mark_is_skipped(tmp_path: Path) -> None:
     assert config.load(path, {}).api.base_url == "http://127.0.0.1:9"
 
 
+@pytest.mark.parametrize(
+    ("base_url", "message"),
+    [
+        ("http://127.0.0.1:99999", "the port must be a number from 1 to 65535"),
+        ("http://127.0.0.1:0", "the port must be a number from 1 to 65535"),
+        ("http://127.0.0.1:http", "the port must be a number from 1 to 65535"),
+        ("http://[::1", "not a URL; expected https://HOST or https://HOST:PORT"),
+        ("http://:8800", "must name a host, as https://HOST or https://HOST:PORT"),
+        ("http://etl:s3cret@127.0.0.1", "must not hold a user name or password"),
+        ("http://127.0.0.1 :8800", "must not hold spaces or control characters"),
+        ("http://127.0.0.1/agent-api", "without a path, query or fragment"),
+        ("http://127.0.0.1?brand=x", "without a path, query or fragment"),
+        ("http://127.0.0.1#top", "without a path, query or fragment"),
+    ],
+    ids=[
+        "port-too-big",
+        "port-zero",
+        "port-not-a-number",
+        "not-a-url",
+        "no-host",
+        "credentials",
+        "space",
+        "path",
+        "query",
+        "fragment",
+    ],
+)
+def test_a_base_url_no_request_can_use_is_refused_at_load(
+    tmp_path: Path, base_url: str, message: str
+) -> None:
+    # Each passed the check and then failed every account of every run.
+    path = write(tmp_path, MINIMAL.replace("http://127.0.0.1:9", base_url))
+
+    with pytest.raises(ConfigError) as raised:
+        config.load(path, {})
+
+    assert str(raised.value).startswith(f"{path}: api.base_url: ")
+    assert message in str(raised.value)
+    assert "s3cret" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    ["https://ai.api.example.cn/", "http://127.0.0.1:65535", "http://[::1]:1"],
+)
+def test_a_base_url_of_scheme_host_and_port_is_taken(
+    tmp_path: Path, base_url: str
+) -> None:
+    path = write(tmp_path, MINIMAL.replace("http://127.0.0.1:9", base_url))
+
+    assert config.load(path, {}).api.base_url == base_url.rstrip("/")
+
+
 def test_missing_file_says_how_to_give_one(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         config.load(tmp_path / "nope.toml", {})

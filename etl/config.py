@@ -12,11 +12,12 @@ import math
 import os
 import re
 import tomllib
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy.engine import URL, make_url
@@ -277,6 +278,10 @@ def database_url_problem(url: str, *, in_memory: bool = True) -> str | None:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
         return f"not a database URL; expected {_URL_FORMS}"
+    if "\x00" in unquote(url):
+        # No file name, host or user name holds one: it would end the C
+        # string libpq reads, and SQLite's module refused it only on connecting.
+        return "holds a NUL character (%00), which no part of a database URL can"
     backend = SUPPORTED_SCHEMES.get(parsed.drivername)
     if backend is None:
         # Another database; or another driver, which loads and then fails
@@ -292,6 +297,23 @@ def database_url_problem(url: str, *, in_memory: bool = True) -> str | None:
         return "SQLite URI filenames are not supported; expected sqlite:///PATH"
     if not in_memory and parsed.database in (None, "", ":memory:"):
         return "an in-memory SQLite database ends with the command; use a file"
+    return _sqlite_options_problem(parsed)
+
+
+def _sqlite_options_problem(parsed: URL) -> str | None:
+    # The driver reads the options of the query (?timeout=30) only when the
+    # engine is made, and an unreadable one failed the command then, exit 1.
+    # A SQLite URL holds no password, so the driver's message may be quoted.
+    try:
+        with warnings.catch_warnings():
+            # Options it does not know, it warns about again on connecting.
+            warnings.simplefilter("ignore")
+            _, options = parsed.get_dialect()().create_connect_args(parsed)
+    except ValueError as exc:
+        return f"an option of the URL cannot be read: {exc}"
+    timeout = options.get("timeout", 0.0)
+    if not 0 <= timeout <= LONGEST_WAIT:
+        return f"?timeout= must be from 0 to {LONGEST_WAIT:g} s (a day), got {timeout}"
     return None
 
 

@@ -173,6 +173,25 @@ def test_a_configuration_that_is_not_utf8_exits_2_naming_the_file(
     )
 
 
+def test_an_option_the_database_driver_cannot_read_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "task-etl.toml"
+    path.write_text(
+        "[api]\nbase_url = 'http://127.0.0.1:9'\n[[accounts]]\nuser_id = 'u'\n",
+        encoding="utf-8",
+    )
+    url = f"sqlite:///{tmp_path}/tasks.db?timeout=abc"
+
+    result = CliRunner().invoke(
+        main, ["--config", str(path), "status"], env={"TASK_ETL_DATABASE_URL": url}
+    )
+
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "Error: TASK_ETL_DATABASE_URL: an option of the URL cannot be read: "
+        "could not convert string to float: 'abc'\n"
+    )
+
+
 def test_missing_configuration_exits_2(tmp_path: Path) -> None:
     result = invoke("--config", str(tmp_path / "none.toml"), "sync")
 

@@ -76,6 +76,20 @@ def test_environment_overrides_token_and_database(tmp_path: Path) -> None:
         ("sqlite:///file:s3cret.db?uri=true", "SQLite URI filenames are not"),
         ("sqlite:///file::memory:?uri=true", "SQLite URI filenames are not"),
         ("sqlite://etl:s3cret@dbhost/tasks.db", "a SQLite URL names a file, not"),
+        # The driver read these only when the engine was made: exit 1.
+        (
+            "sqlite:///tasks.db?timeout=abc",
+            "an option of the URL cannot be read: could not convert string to "
+            "float: 'abc'",
+        ),
+        (
+            "sqlite:///tasks.db?check_same_thread=maybe",
+            "an option of the URL cannot be read: String is not true/false",
+        ),
+        ("sqlite:///tasks.db?timeout=nan", "?timeout= must be from 0 to 86400 s"),
+        ("sqlite:///tasks.db?timeout=1e999", "?timeout= must be from 0 to 86400 s"),
+        ("sqlite:///%00tasks.db", "holds a NUL character (%00), which no part"),
+        ("postgresql+psycopg://etl:s3%00cret@db/t", "holds a NUL character (%00)"),
         # Gone when the command ends: `migrate` said it migrated it.
         ("sqlite://", "an in-memory SQLite database ends with the command"),
         ("sqlite:///:memory:", "an in-memory SQLite database ends with the command"),

@@ -14,6 +14,19 @@ class EtlError(Exception):
 
     exit_code = 1
 
+    def __init__(self, message: str = "") -> None:
+        # One line, whatever went into it: a file name, a URL or a driver's
+        # message may hold a line break, a NUL or a terminal escape sequence.
+        super().__init__(printable(message))
+
+
+def printable(text: str) -> str:
+    """`text` with every character a terminal would not show escaped as
+    repr() escapes it (\\n, \\x00, \\x1b, \\u202e), as the client quotes
+    the platform's messages. Printable text, backslashes too, is unchanged,
+    so escaping twice changes nothing."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
 
 class ConfigError(EtlError):
     """The configuration file or environment is unusable."""

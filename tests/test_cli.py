@@ -192,6 +192,33 @@ def test_an_option_the_database_driver_cannot_read_exits_2(tmp_path: Path) -> No
     )
 
 
+def test_an_error_line_shows_control_characters_escaped(tmp_path: Path) -> None:
+    # A file name may hold a line break or a terminal escape sequence; the
+    # error stays one line and leaves the terminal alone.
+    config = tmp_path / "task-etl.toml"
+    config.write_text(
+        "[api]\nbase_url = 'http://127.0.0.1:9'\n[[accounts]]\nuser_id = 'u'\n",
+        encoding="utf-8",
+    )
+    url = f"sqlite:///{tmp_path}/x%0A%1B[2J.db"
+
+    missing_config = invoke("--config", f"{tmp_path}/new\nline.toml", "status")
+    missing_database = CliRunner().invoke(
+        main, ["--config", str(config), "status"], env={"TASK_ETL_DATABASE_URL": url}
+    )
+
+    assert missing_config.exit_code == 2
+    assert missing_config.stderr == (
+        f"Error: {tmp_path}/new\\nline.toml: file not found (give --config or set "
+        "TASK_ETL_CONFIG)\n"
+    )
+    assert missing_database.exit_code == 1
+    assert missing_database.stderr == (
+        f"Error: the database file {tmp_path}/x\\n\\x1b[2J.db does not exist: run "
+        "`task-etl migrate` first to create it\n"
+    )
+
+
 def test_missing_configuration_exits_2(tmp_path: Path) -> None:
     result = invoke("--config", str(tmp_path / "none.toml"), "sync")
 

@@ -280,32 +280,25 @@ def load(path: Path) -> config_module.Config:
     return config_module.load(path, {"TASK_ETL_TOKEN": TOKEN})
 
 
-@pytest.fixture
-def sqlite_engine(sqlite_url: str) -> Iterator[Engine]:
-    engine = store.connect(DatabaseConfig(url=sqlite_url))
-    store.migrate(engine)
-    yield engine
-    engine.dispose()
-
-
 def other_writer(sqlite_url: str) -> sqlite3.Connection:
     """A connection of the test's own, to hold SQLite's write lock with."""
     path = sqlite_url.removeprefix("sqlite:///")
     return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_stop_ends_a_page_s_wait_for_another_writer(
     tmp_path: Path,
     server: SimServer,
     simulator: Simulator,
-    sqlite_url: str,
-    sqlite_engine: Engine,
+    db_url: str,
+    engine: Engine,
 ) -> None:
     # The page used to wait out the busy timeout, 30 s here, and was written
     # once the other writer let go, after the stop.
     add_tasks(simulator, 8, only_main=True)
-    config = load(write_config(tmp_path, server, simulator, sqlite_url))
-    stop, holder = threading.Event(), other_writer(sqlite_url)
+    config = load(write_config(tmp_path, server, simulator, db_url))
+    stop, holder = threading.Event(), other_writer(db_url)
     stored_then: list[int] = []
 
     def hold_the_lock_after_a_page(progress: Progress) -> None:
@@ -318,7 +311,7 @@ def test_a_stop_ends_a_page_s_wait_for_another_writer(
             threading.Timer(3.0, holder.execute, ["ROLLBACK"]).start()
 
     summary = run_sync(
-        config, engine=sqlite_engine, progress=hold_the_lock_after_a_page, stop=stop
+        config, engine=engine, progress=hold_the_lock_after_a_page, stop=stop
     )
     holder.close()
 
@@ -328,15 +321,16 @@ def test_a_stop_ends_a_page_s_wait_for_another_writer(
         0,
     )
     assert summary.errors == ()
-    assert count(sqlite_engine, tasks) == stored_then[0] == summary.counts.seen
+    assert count(engine, tasks) == stored_then[0] == summary.counts.seen
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_second_signal_exits_at_once_while_another_writer_holds_sqlite(
     tmp_path: Path,
     server: SimServer,
     simulator: Simulator,
-    sqlite_url: str,
-    sqlite_engine: Engine,
+    db_url: str,
+    engine: Engine,
     started: Callable[..., Daemon],
 ) -> None:
     # A signal's handler runs in the main thread between two bytecodes, which
@@ -344,10 +338,10 @@ def test_a_second_signal_exits_at_once_while_another_writer_holds_sqlite(
     # handled only when the busy timeout of 30 s had passed.
     add_tasks(simulator, 8, only_main=True)
     simulator.delay = 0.2
-    path = write_config(tmp_path, server, simulator, sqlite_url)
+    path = write_config(tmp_path, server, simulator, db_url)
     run_process = started(path, "sync")
     wait_until(lambda: "run 1 (sync) started" in run_process.log, "the run started")
-    holder = other_writer(sqlite_url)
+    holder = other_writer(db_url)
     holder.execute("BEGIN IMMEDIATE")
     time.sleep(1.0)  # the run now waits for the lock
 

@@ -28,9 +28,9 @@ from etl.accounts import Account
 from etl.archive import ArchivedPage, ArchivedWalk
 from etl.client import Client
 from etl.config import Config
-from etl.errors import ConfigError, EtlError
+from etl.errors import ConfigError, EtlError, RunInterrupted
 from etl.models import accounts
-from etl.store import PageCounts
+from etl.store import PageBatch, PageCounts
 from etl.sync import (
     Filters,
     Progress,
@@ -276,16 +276,14 @@ class _Replay:
             self._write(walk, self.states[event.walk], event.page)
 
     def _write(self, walk: ArchivedWalk, state: _WalkState, page: ArchivedPage) -> None:
-        if not state.has_started:
-            state.has_started = True
-            state.previous_complete = runs.previous_complete(self.engine, walk.account)
         batch = parse_page(page.read(), self.config.api.zone)
         try:
-            assert self.held is not None, "pages are replayed inside locks.hold()"
-            self.held.confirm(walk.account)
-            counts = store.write_page(
-                self.engine, self.run_id, batch, state.previous_complete
-            )
+            # A stop drops the page while it waits for SQLite's write lock,
+            # as in a sync; replaying again writes it.
+            with store.lock_waits_end_on(self.stop):
+                counts = self._store(walk, state, batch)
+        except RunInterrupted:
+            return
         except EtlError as exc:
             self._fail(walk, str(exc))
             return
@@ -293,6 +291,17 @@ class _Replay:
         self.counts.add(counts)
         self.pages += 1
         self._report_progress()
+
+    def _store(
+        self, walk: ArchivedWalk, state: _WalkState, batch: PageBatch
+    ) -> PageCounts:
+        if not state.has_started:
+            state.previous_complete = runs.previous_complete(self.engine, walk.account)
+            state.has_started = True
+        assert self.held is not None, "pages are replayed inside locks.hold()"
+        self.held.confirm(walk.account)
+        previous_complete = state.previous_complete
+        return store.write_page(self.engine, self.run_id, batch, previous_complete)
 
     def _end(self, walk: ArchivedWalk, state: _WalkState) -> None:
         self.walks_ended += 1

@@ -1,6 +1,8 @@
 import io
 import logging
 import shutil
+import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -545,6 +547,50 @@ def test_a_walk_whose_removals_failed_is_replayed_as_it_ran(
     # The walk counted as complete in neither: the task is still only flagged.
     assert summary.run.counts.removed == 0
     assert gone.uuid in stored_live(engine)
+    assert sorted_snapshot(engine) == sorted_snapshot(live)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_stop_drops_the_replayed_page_waiting_for_another_writer(
+    tmp_path: Path,
+    simulator: Simulator,
+    server: SimServer,
+    live: Engine,
+    engine: Engine,
+    db_url: str,
+) -> None:
+    # The page waited for the other writer after the stop, and was written
+    # once it let go, or failed its account when the busy timeout ran out.
+    root = tmp_path / "archive"
+    live_history(server, simulator, live, root)
+    path = db_url.removeprefix("sqlite:///")
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    stop, stored_then = threading.Event(), []
+
+    def hold_the_lock_after_a_page(progress: Progress) -> None:
+        if progress.pages == 1 and not stored_then:
+            holder.execute("BEGIN IMMEDIATE")
+            stored_then.append(
+                holder.execute("SELECT count(*) FROM tasks").fetchone()[0]
+            )
+            threading.Timer(0.3, stop.set).start()
+            threading.Timer(3.0, holder.execute, ["ROLLBACK"]).start()
+
+    config = make_config(server, simulator)
+    summary = replay_archive(
+        config, root, engine=engine, progress=hold_the_lock_after_a_page, stop=stop
+    )
+    holder.close()
+
+    run = summary.run
+    assert (run.outcome, run.pages, run.accounts_failed, run.errors) == (
+        "stopped",
+        1,
+        0,
+        (),
+    )
+    assert count(engine, tasks) == stored_then[0]
+    replay_archive(config, root, engine=engine)
     assert sorted_snapshot(engine) == sorted_snapshot(live)
 
 

@@ -282,6 +282,14 @@ class Client:
             _log_request(call, None, started)
             # requests' own message holds the full URL with its query.
             raise _network_error(call, exc) from None
+        except OSError as exc:
+            # requests reads the CA bundle as it sends, and a bundle gone
+            # since the configuration was read raised outside its errors.
+            _log_request(call, None, started)
+            raise call.fatal(
+                f"the request could not be sent ({type(exc).__name__}); "
+                "check api.ca_bundle"
+            ) from None
         _log_request(call, response.status_code, started)
 
         self._check_status(call, response)

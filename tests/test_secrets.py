@@ -290,6 +290,21 @@ def test_tls_trusts_the_configured_ca_bundle(
     assert https.asked[0].authorization == f"Bearer {TOKEN}"
 
 
+def test_a_ca_bundle_gone_since_loading_fails_the_account_naming_it(
+    https: Platform, engine: Engine, tmp_path: Path
+) -> None:
+    # It failed the account as an internal error, with a traceback.
+    gone = tmp_path / "gone.pem"
+
+    summary = quick_sync(https_config(https.url, str(gone)), engine)
+
+    assert summary.outcome == "failed"
+    (error,) = summary.errors
+    assert error.endswith("could not be sent (OSError); check api.ca_bundle")
+    assert "internal error" not in error
+    assert https.asked == []
+
+
 # -- the allow-list --------------------------------------------------------------
 
 

@@ -37,6 +37,9 @@ LONGEST_DURATION = 365 * 86400
 # The longest timeout, backoff or wait of a single request or lock: past a
 # day it is a typo, and past some size it overflows a clock sum.
 LONGEST_WAIT = 86400.0
+# Accounts walked at once: each has its own connection, made up front by
+# the HTTP pool; a hundred million took the process's memory and time.
+MOST_PARALLEL = 64
 # A faster rate is a typo; a slower one spaces requests past LONGEST_WAIT.
 REQUEST_RATES = (0.001, 100_000.0)
 
@@ -235,6 +238,8 @@ def _read_archive(reader: _Reader, is_present: bool) -> ArchiveConfig | None:
     directory = reader.require("dir", str).strip()
     if not directory:
         reader.fail("dir", "must not be empty")
+    if "\x00" in directory:
+        reader.fail("dir", "must not hold a NUL character")
     d = ArchiveConfig(dir=directory)
     level = reader.count("compression_level", d.compression_level)
     if level > 9:
@@ -304,12 +309,15 @@ def _sqlite_options_problem(parsed: URL) -> str | None:
     # The driver reads the options of the query (?timeout=30) only when the
     # engine is made, and an unreadable one failed the command then, exit 1.
     # A SQLite URL holds no password, so the driver's message may be quoted.
+    repeated = sorted(k for k, v in parsed.query.items() if isinstance(v, tuple))
+    if repeated:
+        return f"the option {repeated[0]} is given more than once"
     try:
         with warnings.catch_warnings():
             # Options it does not know, it warns about again on connecting.
             warnings.simplefilter("ignore")
             _, options = parsed.get_dialect()().create_connect_args(parsed)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         return f"an option of the URL cannot be read: {exc}"
     timeout = options.get("timeout", 0.0)
     if not 0 <= timeout <= LONGEST_WAIT:
@@ -382,11 +390,22 @@ def _read_api(reader: _Reader, environ: Mapping[str, str], tokens: bool) -> ApiC
         backoff_max=reader.seconds("backoff_max", d.backoff_max),
         retry_after_max=reader.seconds("retry_after_max", d.retry_after_max),
         requests_per_second=_read_rate(reader, d.requests_per_second),
-        parallelism=reader.count("parallelism", d.parallelism),
+        parallelism=reader.count("parallelism", d.parallelism, most=MOST_PARALLEL),
         max_pages=reader.count("max_pages", d.max_pages),
-        ca_bundle=reader.get("ca_bundle", str, None),
+        ca_bundle=_read_ca_bundle(reader),
         endpoints=_read_endpoints(reader.table("endpoints")),
     )
+
+
+def _read_ca_bundle(reader: _Reader) -> str | None:
+    """A file or folder of CA certificates, checked now: a missing one
+    failed every account at its first request as an internal error."""
+    path: str | None = reader.get("ca_bundle", str, None)
+    if path is None:
+        return None
+    if "\x00" in path or not os.path.exists(path):
+        reader.fail("ca_bundle", "no such file or folder")
+    return path
 
 
 def _base_url_problem(url: str) -> str | None:
@@ -414,7 +433,9 @@ def _base_url_problem(url: str) -> str | None:
         return "must name a host, as https://HOST or https://HOST:PORT"
     if parts.username is not None:
         return "must not hold a user name or password; the token authenticates"
-    if parts.path or parts.query or parts.fragment:
+    # An empty query or fragment ("https://HOST?") is none to urlsplit, but
+    # the endpoint's path appended after it is no path at all.
+    if parts.path or "?" in url or "#" in url:
         return (
             "must be https://HOST or https://HOST:PORT without a path, query or "
             "fragment (a path prefix goes in [api.endpoints])"
@@ -662,10 +683,14 @@ class _Reader:
         """A timeout or a wait: seconds, greater than 0 and at most a day."""
         return self.positive(key, default, most=LONGEST_WAIT, unit=" s (a day)")
 
-    def count(self, key: str, default: int, minimum: int = 1) -> int:
+    def count(
+        self, key: str, default: int, minimum: int = 1, most: int | None = None
+    ) -> int:
         value = int(self.get(key, int, default))
         if value < minimum:
             self.fail(key, f"must be at least {minimum}")
+        if most is not None and value > most:
+            self.fail(key, f"must be at most {most}, got {value}")
         return value
 
     def table(self, key: str) -> _Reader:

@@ -86,6 +86,7 @@ def test_environment_overrides_token_and_database(tmp_path: Path) -> None:
             "sqlite:///tasks.db?check_same_thread=maybe",
             "an option of the URL cannot be read: String is not true/false",
         ),
+        ("sqlite:///tasks.db?timeout=5&timeout=6", "the option timeout is given more"),
         ("sqlite:///tasks.db?timeout=nan", "?timeout= must be from 0 to 86400 s"),
         ("sqlite:///tasks.db?timeout=1e999", "?timeout= must be from 0 to 86400 s"),
         ("sqlite:///%00tasks.db", "holds a NUL character (%00), which no part"),
@@ -334,9 +335,17 @@ def test_bad_files_name_the_key_and_the_file(
         ("schedule.deadline = inf", "a duration cannot be inf"),
         (f'locks.lease = "{"9" * 400}s"', "a duration cannot be"),
         ('locks.wait = "8761h"', "a duration can be at most 365d"),
+        # Each connection of the HTTP pool was made up front: 10**8 of them
+        # held the process for good.
+        ("api.parallelism = 100000000", "must be at most 64, got 100000000"),
+        ("api.parallelism = 65", "must be at most 64, got 65"),
+        # Failed every account at its first request, as an internal error.
+        ('api.ca_bundle = "/no/such/ca.pem"', "no such file or folder"),
+        ('api.ca_bundle = "ca\\u0000.pem"', "no such file or folder"),
+        ('archive.dir = "arch\\u0000ive"', "must not hold a NUL character"),
     ],
 )
-def test_a_number_setting_out_of_its_range_is_refused_naming_it(
+def test_a_setting_no_run_can_use_is_refused_naming_it(
     tmp_path: Path, setting: str, message: str
 ) -> None:
     # Each crashed a run, or the status command, long after loading.
@@ -429,6 +438,9 @@ def test_a_utf8_byte_order_mark_is_skipped(tmp_path: Path) -> None:
         ("http://127.0.0.1/agent-api", "without a path, query or fragment"),
         ("http://127.0.0.1?brand=x", "without a path, query or fragment"),
         ("http://127.0.0.1#top", "without a path, query or fragment"),
+        # Empty, they are none to the URL parser; requests then went to "/".
+        ("http://127.0.0.1:8800?", "without a path, query or fragment"),
+        ("http://127.0.0.1:8800#", "without a path, query or fragment"),
     ],
     ids=[
         "port-too-big",
@@ -441,6 +453,8 @@ def test_a_utf8_byte_order_mark_is_skipped(tmp_path: Path) -> None:
         "path",
         "query",
         "fragment",
+        "empty-query",
+        "empty-fragment",
     ],
 )
 def test_a_base_url_no_request_can_use_is_refused_at_load(

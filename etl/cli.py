@@ -300,7 +300,7 @@ def status(
 
     def action() -> int:
         config = ctx.obj.config(tokens=False)
-        engine = store.connect(config.database)
+        engine = store.connect(config.database, read_only=True)
         store.check_schema(engine)
         click.echo(report.describe_status(engine, limit))
         main_user_ids = [main.user_id for main in config.accounts]

@@ -170,8 +170,12 @@ class _Plan:
     counts: PageCounts = field(default_factory=PageCounts)
 
 
-def connect(database: DatabaseConfig) -> Engine:
-    """An engine for the configured database, tuned per dialect."""
+def connect(database: DatabaseConfig, *, read_only: bool = False) -> Engine:
+    """An engine for the configured database, tuned per dialect.
+
+    On SQLite a `read_only` engine refuses writes and never takes the write
+    lock, so that a command that only reads, such as `status` watching for
+    stale syncs, answers while another process holds that lock."""
     problem = database_url_problem(database.url)
     if problem is not None:
         raise StoreError(f"{database.source}: {problem}")
@@ -184,11 +188,11 @@ def connect(database: DatabaseConfig) -> Engine:
     except (SQLAlchemyError, ValueError, ImportError) as exc:
         raise StoreError(f"{database.source}: cannot use it: {exc}") from None
     if engine.dialect.name == "sqlite":
-        _tune_sqlite(engine, database.busy_timeout)
+        _tune_sqlite(engine, database.busy_timeout, read_only)
     return engine
 
 
-def _tune_sqlite(engine: Engine, busy_timeout: float) -> None:
+def _tune_sqlite(engine: Engine, busy_timeout: float, read_only: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the driver, decide where transactions begin.
@@ -203,7 +207,14 @@ def _tune_sqlite(engine: Engine, busy_timeout: float) -> None:
         # less often, for a WAL file of up to about 40 MB.
         cursor.execute("PRAGMA wal_autocheckpoint = 10000")
         cursor.execute("PRAGMA foreign_keys = ON")
+        if read_only:
+            cursor.execute("PRAGMA query_only = ON")
         cursor.close()
+
+    if read_only:
+        # Each statement reads in a transaction of its own; in WAL mode no
+        # writer holds a reader back.
+        return
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:

@@ -1,5 +1,6 @@
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 from datetime import timedelta
@@ -316,6 +317,27 @@ def test_status_shows_runs_accounts_and_errors_without_secrets(
     assert "http" not in result.output
     assert lines[-1].startswith("Last good sync: ")
     assert lines[-1].endswith(" s ago)")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_status_answers_while_another_process_holds_sqlite_s_write_lock(
+    config: str, db_url: str
+) -> None:
+    # Every transaction took the write lock: status, watching for stale
+    # syncs, failed "database is locked" while a sync wrote.
+    assert invoke("--config", config, "sync").exit_code == 0
+    text = Path(config).read_text(encoding="utf-8")
+    Path(config).write_text(text.replace("[database]", "[database]\nbusy_timeout = 1"))
+    holder = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        result = invoke("--config", config, "status", "--max-age", "1h")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Recent runs:\n  #1 sync ")
 
 
 def test_status_shows_when_each_account_last_had_a_complete_walk(

@@ -286,9 +286,9 @@ class Client:
             # requests reads the CA bundle as it sends, and a bundle gone
             # since the configuration was read raised outside its errors.
             _log_request(call, None, started)
+            hint = "; check api.ca_bundle" if self.api.ca_bundle else ""
             raise call.fatal(
-                f"the request could not be sent ({type(exc).__name__}); "
-                "check api.ca_bundle"
+                f"the request could not be sent ({type(exc).__name__}){hint}"
             ) from None
         _log_request(call, response.status_code, started)
 

@@ -1,7 +1,6 @@
 import io
 import logging
 import shutil
-import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import Engine, func, select, text
 from synced import sync_config
+from writers import LockAfterFirstPage
 
 from etl import locks, store
 from etl.accounts import Account
@@ -563,24 +563,12 @@ def test_a_stop_drops_the_replayed_page_waiting_for_another_writer(
     # once it let go, or failed its account when the busy timeout ran out.
     root = tmp_path / "archive"
     live_history(server, simulator, live, root)
-    path = db_url.removeprefix("sqlite:///")
-    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    stop, stored_then = threading.Event(), []
-
-    def hold_the_lock_after_a_page(progress: Progress) -> None:
-        if progress.pages == 1 and not stored_then:
-            holder.execute("BEGIN IMMEDIATE")
-            stored_then.append(
-                holder.execute("SELECT count(*) FROM tasks").fetchone()[0]
-            )
-            threading.Timer(0.3, stop.set).start()
-            threading.Timer(3.0, holder.execute, ["ROLLBACK"]).start()
+    stop = threading.Event()
+    writer = LockAfterFirstPage(db_url, stop)
 
     config = make_config(server, simulator)
-    summary = replay_archive(
-        config, root, engine=engine, progress=hold_the_lock_after_a_page, stop=stop
-    )
-    holder.close()
+    summary = replay_archive(config, root, engine=engine, progress=writer, stop=stop)
+    writer.close()
 
     run = summary.run
     assert (run.outcome, run.pages, run.accounts_failed, run.errors) == (
@@ -589,7 +577,7 @@ def test_a_stop_drops_the_replayed_page_waiting_for_another_writer(
         0,
         (),
     )
-    assert count(engine, tasks) == stored_then[0]
+    assert count(engine, tasks) == writer.stored_then
     replay_archive(config, root, engine=engine)
     assert sorted_snapshot(engine) == sorted_snapshot(live)
 

@@ -6,7 +6,6 @@ what it did from the database. Every wait is bounded.
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -21,13 +20,14 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select
+from writers import LockAfterFirstPage, other_writer
 
 from etl import config as config_module
 from etl import store
 from etl.config import ApiConfig, Config, DatabaseConfig, MainAccount
 from etl.models import sync_run_accounts, sync_runs, task_status_changes, tasks
 from etl.simulator import SimServer, Simulator
-from etl.sync import Progress, RunSummary, run_sync
+from etl.sync import RunSummary, run_sync
 
 TOKEN = "sim-token"
 EXIT_WAIT = 20.0
@@ -280,12 +280,6 @@ def load(path: Path) -> config_module.Config:
     return config_module.load(path, {"TASK_ETL_TOKEN": TOKEN})
 
 
-def other_writer(sqlite_url: str) -> sqlite3.Connection:
-    """A connection of the test's own, to hold SQLite's write lock with."""
-    path = sqlite_url.removeprefix("sqlite:///")
-    return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-
-
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_stop_ends_a_page_s_wait_for_another_writer(
     tmp_path: Path,
@@ -298,22 +292,11 @@ def test_a_stop_ends_a_page_s_wait_for_another_writer(
     # once the other writer let go, after the stop.
     add_tasks(simulator, 8, only_main=True)
     config = load(write_config(tmp_path, server, simulator, db_url))
-    stop, holder = threading.Event(), other_writer(db_url)
-    stored_then: list[int] = []
+    stop = threading.Event()
+    writer = LockAfterFirstPage(db_url, stop)
 
-    def hold_the_lock_after_a_page(progress: Progress) -> None:
-        if progress.pages == 1 and not stored_then:
-            holder.execute("BEGIN IMMEDIATE")
-            stored_then.append(
-                holder.execute("SELECT count(*) FROM tasks").fetchone()[0]
-            )
-            threading.Timer(0.3, stop.set).start()
-            threading.Timer(3.0, holder.execute, ["ROLLBACK"]).start()
-
-    summary = run_sync(
-        config, engine=engine, progress=hold_the_lock_after_a_page, stop=stop
-    )
-    holder.close()
+    summary = run_sync(config, engine=engine, progress=writer, stop=stop)
+    writer.close()
 
     assert (summary.outcome, summary.pages, summary.accounts_failed) == (
         "stopped",
@@ -321,7 +304,7 @@ def test_a_stop_ends_a_page_s_wait_for_another_writer(
         0,
     )
     assert summary.errors == ()
-    assert count(engine, tasks) == stored_then[0] == summary.counts.seen
+    assert count(engine, tasks) == writer.stored_then == summary.counts.seen
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -452,12 +452,18 @@ def discovering(platform: Platform, *user_ids: str) -> Config:
     return Config(database=config.database, api=config.api, accounts=tuple(mains))
 
 
-def failing_and_stopping(stop: threading.Event) -> Callable[[Asked], Reply]:
-    """A sub-account list that fails, answered once the run saw `stop` set."""
+# A sub-account list that fails, answered after the run could see a stop.
+FAILED_LIST = Reply(404, b'{"code":404,"status":"error"}', delay=0.5)
+# A sub-account list that asks to be tried again in 5 s.
+THROTTLED_LIST = Reply(429, b'{"code":429}', (("Retry-After", "5"),))
+
+
+def stopping(stop: threading.Event, reply: Reply) -> Callable[[Asked], Reply]:
+    """An answer that sets `stop` as it is asked for, then gives `reply`."""
 
     def answer(asked: Asked) -> Reply:
         stop.set()
-        return Reply(404, b'{"code":404,"status":"error"}', delay=0.5)
+        return reply
 
     return answer
 
@@ -467,7 +473,7 @@ def test_a_stop_during_discovery_lists_no_further_main_account(
 ) -> None:
     stop = threading.Event()
     config = discovering(platform, "u1", "u2", "u3")
-    platform.respond("u1/subset_users", failing_and_stopping(stop))
+    platform.respond("u1/subset_users", stopping(stop, FAILED_LIST))
 
     with Client(config.api) as client:
         summary = run_sync(config, engine=engine, client=client, stop=stop)
@@ -479,23 +485,13 @@ def test_a_stop_during_discovery_lists_no_further_main_account(
     assert error.startswith("sub-account discovery failed: account u1, endpoint ")
 
 
-def throttling_and_stopping(stop: threading.Event) -> Callable[[Asked], Reply]:
-    """A sub-account list that asks to be tried again in 5 s, and stops."""
-
-    def answer(asked: Asked) -> Reply:
-        stop.set()
-        return Reply(429, b'{"code":429}', (("Retry-After", "5"),))
-
-    return answer
-
-
 def test_a_stop_in_a_wait_during_discovery_keeps_what_went_wrong_before(
     platform: Platform, engine: Engine
 ) -> None:
     stop = threading.Event()
     config = discovering(platform, "u1", "u2", "u3")
-    platform.respond("u1/subset_users", failing_and_stopping(threading.Event()))
-    platform.respond("u2/subset_users", throttling_and_stopping(stop))
+    platform.respond("u1/subset_users", stopping(threading.Event(), FAILED_LIST))
+    platform.respond("u2/subset_users", stopping(stop, THROTTLED_LIST))
 
     # The run's own client, whose waits a stop cuts short.
     summary = run_sync(config, engine=engine, stop=stop)
@@ -512,7 +508,7 @@ def test_a_stop_in_a_wait_of_a_backfills_check_ends_it(
 ) -> None:
     stop = threading.Event()
     config = discovering(platform, "u1", "u2", "u3")
-    platform.respond("u1/subset_users", throttling_and_stopping(stop))
+    platform.respond("u1/subset_users", stopping(stop, THROTTLED_LIST))
 
     summary = run_backfill(config, selectors=["u3"], engine=engine, stop=stop)
 
@@ -525,7 +521,7 @@ def test_a_stop_while_a_backfill_checks_its_accounts_lists_nothing_more(
 ) -> None:
     stop = threading.Event()
     config = discovering(platform, "u1", "u2", "u3")
-    platform.respond("u1/subset_users", failing_and_stopping(stop))
+    platform.respond("u1/subset_users", stopping(stop, FAILED_LIST))
 
     with Client(config.api) as client:
         summary = run_backfill(

@@ -331,7 +331,11 @@ def _postgresql_url_problem(url: str, parsed: URL) -> str | None:
     # it resolved). Written as %40, an @ never shows in the URL twice.
     if url.count("@") > 1 or (parsed.host and "@" in parsed.host):
         return "an @ in the user name or password must be written as %40"
-    if parsed.port is not None and not 0 < parsed.port < 65536:
+    return _port_problem(parsed.port)
+
+
+def _port_problem(port: int | None) -> str | None:
+    if port is not None and not 0 < port < 65536:
         return "the port must be a number from 1 to 65535"
     return None
 
@@ -425,10 +429,11 @@ def _base_url_problem(url: str) -> str | None:
         return "not a URL; expected https://HOST or https://HOST:PORT"
     try:
         port = parts.port
-    except ValueError:
+    except ValueError:  # not a number, or past 65535
         port = 0
-    if port is not None and not 0 < port < 65536:
-        return "the port must be a number from 1 to 65535"
+    problem = _port_problem(port)
+    if problem:
+        return problem
     if not parts.hostname:
         return "must name a host, as https://HOST or https://HOST:PORT"
     if parts.username is not None:

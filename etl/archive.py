@@ -40,6 +40,7 @@ from etl.accounts import Account
 from etl.client import Page
 from etl.config import ArchiveConfig
 from etl.errors import ArchiveError
+from etl.parse import read_json
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +335,7 @@ def _read_end(path: Path) -> WalkEnd:
 
 def _decode(content: bytes, path: Path, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(content)
+        value = read_json(content)
     except (ValueError, RecursionError) as exc:
         raise ArchiveError(f"archive file {path}: {what} is not JSON") from exc
     if not isinstance(value, dict):

@@ -35,6 +35,7 @@ from requests.adapters import HTTPAdapter
 from etl.accounts import Account
 from etl.config import ApiConfig
 from etl.errors import ApiError, FatalApiError, PageLimitError, RetryableApiError
+from etl.parse import read_json
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +356,7 @@ class Client:
     ) -> dict[str, Any]:
         status = response.status_code
         try:
-            envelope = json.loads(response.content)
+            envelope = read_json(response.content)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise call.retryable(
                 "the body is not JSON or is cut short", status

@@ -9,10 +9,12 @@ from etl.parse import (
     REDACTED,
     GroupRecord,
     RejectedItem,
+    canonical_json,
     clean,
     content_hash,
     parse_task,
     payload_json,
+    read_json,
     status_label,
     to_int,
     to_utc,
@@ -217,9 +219,45 @@ def test_nul_is_stripped_inside_the_payload_too() -> None:
 def test_the_stored_payload_is_the_cleaned_item_whatever_it_holds(
     extra: dict[str, object],
 ) -> None:
-    item = {**CLASSIC, **extra}
+    # Read from JSON text, as every item is: NaN and lone surrogates too.
+    item = read_json(json.dumps({**CLASSIC, **extra}))
 
     assert parse_task(item, ACCOUNT, SHANGHAI).raw == clean(item)
+
+
+# Bodies whose canonical form orjson, left to itself, would write otherwise
+# than the json module, or not at all.
+ODD_BODIES = [
+    '{"a":1e-05,"b":-6.7380758131588345e-09,"c":0.0001,"d":1e+16,"e":2.5}',
+    '{"tiny":5e-324,"huge":1.7976931348623157e+308,"whole":100.0,"neg":-0.0}',
+    '{"nan":NaN,"inf":Infinity,"ninf":-Infinity}',
+    '{"big":123456789012345678901234,"small":-9223372036854775809}',
+    '{"u64":18446744073709551615,"i64":-9223372036854775808}',
+    '{"half":"\\ud83d","low":"\\udc00 x","pair":"\\ud83d\\ude00"}',
+    '{"ctl":"\\u0000\\u001f\\b\\f\\n\\r\\t\\u007f","q":"\\"\\\\/"}',
+    '{"z":1,"a":{"y":[1,{"b":2,"a":1}],"x":null},"中":"文","é":"\\u2028"}',
+    '{"deep":' + "[" * 300 + "1" + "]" * 300 + "}",
+]
+
+
+@pytest.mark.parametrize("body", ODD_BODIES)
+def test_the_canonical_form_is_the_json_module_s_byte_for_byte(body: str) -> None:
+    # Stored hashes were taken of the json module's form: any other form of
+    # the same item would make its task look changed once.
+    value = read_json(body.encode())
+    expected = json.dumps(
+        value, sort_keys=True, ensure_ascii=False, separators=(",", ":")
+    ).encode(errors="surrogatepass")
+
+    assert canonical_json(value) == expected
+
+
+def test_floats_are_read_as_json_reads_them() -> None:
+    value = read_json(b'{"a":1e-05,"b":NaN,"c":123456789012345678901234,"d":7}')
+
+    assert value["a"] == 1e-05 and value["b"] != value["b"]
+    assert value["c"] == 123456789012345678901234 and type(value["c"]) is int
+    assert type(value["d"]) is int
 
 
 def test_content_hash_follows_content_only() -> None:

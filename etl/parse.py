@@ -33,16 +33,6 @@ _DATE_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S")
 _USUAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")
 _INTEGER = re.compile(r"[+-]?\d+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-# What `clean` changes, as it shows in an item's canonical JSON: a NUL (which
-# JSON always escapes), a non-finite number, and a lone surrogate (the three
-# bytes "surrogatepass" gives it start with one no other character's do,
-# and the rest of the JSON is checked only when it holds one). A name
-# holding the word NaN shows too, and is merely cleaned for nothing.
-# Substring tests: one regular expression over the whole text cost a third
-# of identifying an item.
-_UNCLEAN_TEXT = (b"\\u0000", b"NaN", b"Infinity")
-_SURROGATE_LEAD = b"\xed"
-_SURROGATE_BYTES = re.compile(b"\xed[\xa0-\xbf]")
 # Built once: building an encoder for every item cost a third of encoding it.
 _PAYLOAD_ENCODER = json.JSONEncoder(
     sort_keys=True, ensure_ascii=False, separators=(",", ":")
@@ -81,7 +71,10 @@ class GroupRecord:
     name: str | None
 
 
-@dataclass(frozen=True)
+# Not frozen, though never changed: a frozen dataclass sets each field
+# through object.__setattr__, and making the records of every item took a
+# sixth longer.
+@dataclass(slots=True)
 class TaskRecord:
     uuid: str
     user_id: str
@@ -114,7 +107,7 @@ class TaskRecord:
         return self
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: see TaskRecord
 class ListedTask:
     """A listed item, identified: what tells whether the task changed.
 
@@ -190,22 +183,31 @@ def identify_task(item: Any, account: Account, zone: tzinfo) -> ListedTask:
         raise RejectedItem(reason)
     if len(uuid) > ID_LENGTH:
         raise RejectedItem(f"uuid is longer than {ID_LENGTH} characters")
-    canonical = _canonical(item)
+    canonical, needs_cleaning = _identity(_top_level_redacted(item))
     return ListedTask(
         uuid,
         hashlib.sha256(canonical).hexdigest(),
         account,
         zone,
         item,
-        needs_cleaning=_needs_cleaning(canonical),
+        needs_cleaning=needs_cleaning,
         canonical=canonical,
     )
 
 
-def _needs_cleaning(canonical: bytes) -> bool:
-    if any(text in canonical for text in _UNCLEAN_TEXT):
-        return True
-    return _SURROGATE_LEAD in canonical and bool(_SURROGATE_BYTES.search(canonical))
+def _identity(value: dict[str, Any]) -> tuple[bytes, bool]:
+    """`canonical_json` of the value, and whether `clean` may change it.
+
+    What orjson writes holds no non-finite number and no lone surrogate,
+    which it refuses, so only a NUL can need cleaning, and JSON always
+    escapes that. A value it refuses is rare and is simply cleaned.
+    """
+    try:
+        canonical = orjson.dumps(value, option=_ORJSON_OPTIONS)
+    except TypeError:
+        return _json_module_form(value), True
+    # A backslash, found much faster, is rare in itself.
+    return canonical, b"\\" in canonical and b"\\u0000" in canonical
 
 
 def parse_group(value: Any) -> GroupRecord | None:
@@ -279,11 +281,7 @@ def content_hash(item: dict[str, Any]) -> str:
     task listed by two accounts must not look changed each time the other
     one lists it.
     """
-    return hashlib.sha256(_canonical(item)).hexdigest()
-
-
-def _canonical(item: dict[str, Any]) -> bytes:
-    return canonical_json(_top_level_redacted(item))
+    return hashlib.sha256(canonical_json(_top_level_redacted(item))).hexdigest()
 
 
 def payload_json(value: Any) -> str:
@@ -304,7 +302,11 @@ def canonical_json(value: Any) -> bytes:
     try:
         return orjson.dumps(value, option=_ORJSON_OPTIONS)
     except TypeError:
-        return _PAYLOAD_ENCODER.encode(value).encode(errors="surrogatepass")
+        return _json_module_form(value)
+
+
+def _json_module_form(value: Any) -> bytes:
+    return _PAYLOAD_ENCODER.encode(value).encode(errors="surrogatepass")
 
 
 def read_json(content: bytes | str) -> Any:

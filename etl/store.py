@@ -83,7 +83,7 @@ class Reject:
     item: Any
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen, for speed: see TaskRecord
 class PreparedTask:
     """A parsed task with the values that depend on its item alone already
     in the driver's form.

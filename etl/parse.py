@@ -203,9 +203,13 @@ def _identity(value: dict[str, Any]) -> tuple[bytes, bool]:
     escapes that. A value it refuses is rare and is simply cleaned.
     """
     try:
-        canonical = orjson.dumps(value, option=_ORJSON_OPTIONS)
+        written = orjson.dumps(value, option=_ORJSON_OPTIONS)
     except TypeError:
         return _json_module_form(value), True
+    # orjson's bytes keep the buffer of several kilobytes it wrote them in.
+    # A listed task keeps its JSON until the page is stored: the pages in
+    # flight held 10 MB more at a run's peak than in a copy of the text.
+    canonical = memoryview(written).tobytes()
     # A backslash, found much faster, is rare in itself.
     return canonical, b"\\" in canonical and b"\\u0000" in canonical
 

@@ -33,6 +33,8 @@ _DATE_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S")
 _USUAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")
 _INTEGER = re.compile(r"[+-]?\d+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_UNCLEAN_TEXT = (b"\\u0000", b"NaN", b"Infinity")
+_SURROGATE_BYTES = re.compile(b"\xed[\xa0-\xbf]")
 # Built once: building an encoder for every item cost a third of encoding it.
 _PAYLOAD_ENCODER = json.JSONEncoder(
     sort_keys=True, ensure_ascii=False, separators=(",", ":")
@@ -200,12 +202,14 @@ def _identity(value: dict[str, Any]) -> tuple[bytes, bool]:
 
     What orjson writes holds no non-finite number and no lone surrogate,
     which it refuses, so only a NUL can need cleaning, and JSON always
-    escapes that. A value it refuses is rare and is simply cleaned.
+    escapes that. Cleaning walks the item by recursion, so an item nested
+    too deep for it is cleaned only when it shows something to clean.
     """
     try:
         written = orjson.dumps(value, option=_ORJSON_OPTIONS)
     except TypeError:
-        return _json_module_form(value), True
+        canonical = _json_module_form(value)
+        return canonical, _shows_unclean(canonical)
     # orjson's bytes keep the buffer of several kilobytes it wrote them in.
     # A listed task keeps its JSON until the page is stored: the pages in
     # flight held 10 MB more at a run's peak than in a copy of the text.
@@ -307,6 +311,16 @@ def canonical_json(value: Any) -> bytes:
         return orjson.dumps(value, option=_ORJSON_OPTIONS)
     except TypeError:
         return _json_module_form(value)
+
+
+def _shows_unclean(canonical: bytes) -> bool:
+    """Whether the json module's form shows what `clean` changes: a NUL,
+    always escaped; a non-finite number; or a lone surrogate, whose bytes
+    by "surrogatepass" start as no other character's do. A name holding
+    the word NaN shows too, and is merely cleaned for nothing."""
+    if any(text in canonical for text in _UNCLEAN_TEXT):
+        return True
+    return _SURROGATE_BYTES.search(canonical) is not None
 
 
 def _json_module_form(value: Any) -> bytes:

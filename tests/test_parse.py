@@ -252,6 +252,20 @@ def test_the_canonical_form_is_the_json_module_s_byte_for_byte(body: str) -> Non
     assert canonical_json(value) == expected
 
 
+@pytest.mark.parametrize("depth", [300, 600])
+def test_an_item_nested_deeper_than_orjson_writes_is_stored_whole(depth: int) -> None:
+    # Cleaning walks the item by recursion, which such depths exhaust: an
+    # item with nothing to clean must not be cleaned only because orjson
+    # refused to write it.
+    tags = "[" * depth + '"t"' + "]" * depth
+    body = '{"uuid":"deep-1","status":2,"tags":' + tags + "}"
+
+    record = parse_task(read_json(body.encode()), ACCOUNT, SHANGHAI)
+
+    assert record.raw_json == '{"status":2,"tags":' + tags + ',"uuid":"deep-1"}'
+    assert record.status == 2
+
+
 def test_floats_are_read_as_json_reads_them() -> None:
     value = read_json(b'{"a":1e-05,"b":NaN,"c":123456789012345678901234,"d":7}')
 

@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 SQLITE_MAX_VARIABLES = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
 POSTGRESQL_MAX_VARIABLES = 65535
 
+# Rows up to which a multi-row statement takes exactly the rows it is given
+# (see `_statement_rows`).
+EXACT_ROWS = 16
 # Rows fetched at a time when a query may return a whole account's tasks.
 STREAMED_ROWS = 2000
 # A task a complete walk missed, and no complete walk listed since (see
@@ -68,8 +71,10 @@ _IS_FLAGGED = tasks.c.unlisted_after.is_not(None)
 # a run killed in between is left without the counts of that last stretch.
 RUN_COUNTS_EVERY = 1.0
 # How long SQLite waits for another writer before the wait comes back to
-# Python for a moment (see `_begin_immediate`).
+# Python for a moment (see `_begin_immediate`), and the key under which a
+# connection in WAL mode keeps it.
 BUSY_TURN_SECONDS = 0.1
+_BUSY_TURN = "etl.busy_turn"
 # The event that ends this thread's waits for the lock (see `lock_waits_end_on`).
 _lock_wait_ends_on: ContextVar[threading.Event | None] = ContextVar(
     "_lock_wait_ends_on", default=None
@@ -193,12 +198,12 @@ def connect(database: DatabaseConfig, *, read_only: bool = False) -> Engine:
 
 def _tune_sqlite(engine: Engine, busy_timeout: float, read_only: bool) -> None:
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
         # Let SQLAlchemy, not the driver, decide where transactions begin.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        journal = cursor.execute("PRAGMA journal_mode = WAL").fetchone()
         cursor.execute("PRAGMA synchronous = NORMAL")
         # In WAL mode only a checkpoint waits for the disk. SQLite's default
         # of one every 1,000 pages (4 MB) took a quarter of a first sync's
@@ -208,6 +213,14 @@ def _tune_sqlite(engine: Engine, busy_timeout: float, read_only: bool) -> None:
         cursor.execute("PRAGMA foreign_keys = ON")
         if read_only:
             cursor.execute("PRAGMA query_only = ON")
+        elif journal == ("wal",):
+            # Last: the switch to WAL above may wait the whole timeout. From
+            # here the connection waits for another writer only to begin a
+            # transaction, in turns (see `_begin_immediate`). Without WAL a
+            # commit waits for readers too, and keeps the whole timeout.
+            turn = max(0.001, min(BUSY_TURN_SECONDS, busy_timeout))
+            cursor.execute(f"PRAGMA busy_timeout = {int(turn * 1000)}")
+            record.info[_BUSY_TURN] = turn
         cursor.close()
 
     if read_only:
@@ -232,29 +245,28 @@ def _begin_immediate(connection: Connection, busy_timeout: float) -> None:
     signal that should exit at once, waited for the other writer or the
     whole timeout. Between turns the handler runs, and a wait inside
     `lock_waits_end_on` gives up when its event is set.
+
+    A turn is the connection's own busy timeout, set when it connects: every
+    transaction here begins by taking the lock, and in WAL mode nothing
+    after that waits for it. Setting it around each BEGIN cost two more
+    statements a page, each one more wait for Python's lock.
     """
-    driver = connection.connection.driver_connection
-    assert driver is not None, "a connection being begun is open"
-    turn = min(BUSY_TURN_SECONDS, busy_timeout)
-    driver.execute(f"PRAGMA busy_timeout = {max(1, int(turn * 1000))}")
+    turn = connection.connection.info.get(_BUSY_TURN, busy_timeout)
     ends = None  # known from the first turn that found the lock taken
-    try:
-        while True:
-            try:
-                connection.exec_driver_sql("BEGIN IMMEDIATE")
-                return
-            except OperationalError as exc:
-                if not _is_busy(exc):
-                    raise
-                now = monotonic()
-                ends = ends or now + busy_timeout - turn
-                if now >= ends:
-                    raise
-            halt = _lock_wait_ends_on.get()
-            if halt is not None and halt.is_set():
-                raise RunInterrupted("stopped while waiting for another writer")
-    finally:
-        driver.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+    while True:
+        try:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            return
+        except OperationalError as exc:
+            if not _is_busy(exc):
+                raise
+            now = monotonic()
+            ends = ends or now + busy_timeout - turn
+            if now >= ends:
+                raise
+        halt = _lock_wait_ends_on.get()
+        if halt is not None and halt.is_set():
+            raise RunInterrupted("stopped while waiting for another writer")
 
 
 @contextmanager
@@ -841,14 +853,19 @@ def _execute_as_values(
 
 def _statement_rows(total: int, largest: int) -> list[int]:
     """How many rows each multi-row statement takes: powers of two, largest
-    first, adding up to `total`.
+    first, adding up to `total`; or all in one, if at most `EXACT_ROWS`.
 
     Each row count is a statement text of its own, which SQLite's driver
     keeps prepared for as long as the connection lasts, at about 2.3 kB a
     row. A statement for every count that pages happened to have kept
     hundreds of megabytes when pages of many sizes changed many rows; powers
     of two allow a handful of counts, and a handful of statements a page.
+    The few rows a re-sync writes take one statement, not two or three:
+    each is one more wait for Python's lock (see `_execute_as_values`),
+    and the small counts add about 300 kB.
     """
+    if total <= min(EXACT_ROWS, largest):
+        return [total] if total else []
     top = 1 << (max(1, largest).bit_length() - 1)
     counts = [top] * (total // top)
     rest = total % top
@@ -857,7 +874,7 @@ def _statement_rows(total: int, largest: int) -> list[int]:
 
 
 # Holds every count `_statement_rows` gives, for both statements.
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=2 * (EXACT_ROWS + 16))
 def _values_sql(
     dialect: Dialect, build: Callable[[str], Any], columns: tuple[str, ...], count: int
 ) -> tuple[str, tuple[str, ...]]:

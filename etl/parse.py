@@ -46,6 +46,11 @@ _ORJSON_OPTIONS = (
     | orjson.OPT_PASSTHROUGH_DATETIME
     | orjson.OPT_PASSTHROUGH_DATACLASS
 )
+# Cleaning and redacting walk an item by recursion, two frames a level of
+# lists; an item nested deeper than this is refused, well within Python's
+# recursion limit. orjson writes no deeper than 254 levels, so only an item
+# it refused is ever measured.
+MAX_NESTING = 256
 # What the typed columns hold on every supported database: values beyond
 # them become NULL here rather than failing the page on one database only.
 INT32 = 2**31
@@ -65,6 +70,16 @@ class ReadFloat(float):
 
 class RejectedItem(Exception):
     """The item cannot be stored as a task; the reason is the message."""
+
+    # Whether the item itself can be kept with the reason, cleaned.
+    kept = True
+
+
+class TooDeepItem(RejectedItem):
+    """An item nested deeper than `MAX_NESTING`, which not even cleaning
+    it for the rejects table can walk."""
+
+    kept = False
 
 
 @dataclass(frozen=True)
@@ -172,7 +187,8 @@ def parse_task(item: Any, account: Account, zone: tzinfo) -> TaskRecord:
 
 
 def identify_task(item: Any, account: Account, zone: tzinfo) -> ListedTask:
-    """The item's uuid and content hash; `RejectedItem` when it has no uuid.
+    """The item's uuid and content hash; `RejectedItem` when it has no uuid
+    or nests deeper than `MAX_NESTING`.
 
     The item is as `read_json` read it: a float read otherwise would be
     hashed in orjson's form of it (see `ReadFloat`).
@@ -202,20 +218,40 @@ def _identity(value: dict[str, Any]) -> tuple[bytes, bool]:
 
     What orjson writes holds no non-finite number and no lone surrogate,
     which it refuses, so only a NUL can need cleaning, and JSON always
-    escapes that. Cleaning walks the item by recursion, so an item nested
-    too deep for it is cleaned only when it shows something to clean.
+    escapes that. Cleaning walks the item by recursion, so an item orjson
+    refused for its depth is cleaned only when it shows something to clean,
+    and refused when deeper than cleaning can go.
     """
     try:
         written = orjson.dumps(value, option=_ORJSON_OPTIONS)
     except TypeError:
+        if _nested_deeper_than(value, MAX_NESTING):
+            raise TooDeepItem(
+                f"item is nested more than {MAX_NESTING} levels deep"
+            ) from None
         canonical = _json_module_form(value)
         return canonical, _shows_unclean(canonical)
+
     # orjson's bytes keep the buffer of several kilobytes it wrote them in.
     # A listed task keeps its JSON until the page is stored: the pages in
     # flight held 10 MB more at a run's peak than in a copy of the text.
     canonical = memoryview(written).tobytes()
     # A backslash, found much faster, is rare in itself.
     return canonical, b"\\" in canonical and b"\\u0000" in canonical
+
+
+def _nested_deeper_than(value: Any, levels: int) -> bool:
+    """Whether objects and arrays nest more than `levels` deep in `value`;
+    found a level at a time, without recursion."""
+    level = [value] if isinstance(value, dict | list) else []
+    for _ in range(levels):
+        level = [
+            child
+            for parent in level
+            for child in (parent.values() if isinstance(parent, dict) else parent)
+            if isinstance(child, dict | list)
+        ]
+    return bool(level)
 
 
 def parse_group(value: Any) -> GroupRecord | None:

@@ -709,7 +709,7 @@ def parse_page(page: Page, zone: tzinfo) -> PageBatch:
                 page.number,
                 exc,
             )
-            rejects.append(Reject(str(exc), clean(item)))
+            rejects.append(Reject(str(exc), clean(item) if exc.kept else None))
     return PageBatch(
         account=page.account,
         endpoint=page.endpoint,

@@ -291,6 +291,31 @@ def test_items_without_uuid_are_rejected_and_the_rest_stored(
     assert run_row(engine, summary.run_id).rejected == 2
 
 
+@pytest.mark.parametrize("first_sync", [True, False], ids=["first", "re-sync"])
+def test_an_item_nested_too_deep_to_clean_is_rejected_and_the_rest_stored(
+    platform: Platform, engine: Engine, first_sync: bool
+) -> None:
+    # Cleaning walks an item by recursion; a NUL deep inside needs it.
+    deep: object = "t\x00"
+    for _ in range(600):
+        deep = [deep]
+    if not first_sync:
+        platform.serve_pages("u1", envelope([task(1), task(2), task(3)]))
+        sync(platform.url, engine)
+    platform.serve_pages("u1", envelope([task(1), task(2, tags=deep), task(3)]))
+
+    summary = sync(platform.url, engine)
+
+    assert summary.outcome == "succeeded", summary.errors
+    assert listed(engine) == {"task-1", "task-3"}
+    with engine.connect() as connection:
+        rejects = connection.execute(select(sync_rejects)).all()
+    assert [(r.reason, r.item) for r in rejects] == [
+        ("item is nested more than 256 levels deep", None)
+    ]
+    assert run_row(engine, summary.run_id).rejected == 1
+
+
 def test_zero_and_impossible_dates_are_null_raw_kept_and_counted(
     platform: Platform, engine: Engine
 ) -> None:

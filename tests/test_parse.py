@@ -6,6 +6,7 @@ import pytest
 
 from etl.accounts import Account
 from etl.parse import (
+    MAX_NESTING,
     REDACTED,
     GroupRecord,
     RejectedItem,
@@ -252,11 +253,10 @@ def test_the_canonical_form_is_the_json_module_s_byte_for_byte(body: str) -> Non
     assert canonical_json(value) == expected
 
 
-@pytest.mark.parametrize("depth", [300, 600])
+@pytest.mark.parametrize("depth", [254, MAX_NESTING - 1])
 def test_an_item_nested_deeper_than_orjson_writes_is_stored_whole(depth: int) -> None:
-    # Cleaning walks the item by recursion, which such depths exhaust: an
-    # item with nothing to clean must not be cleaned only because orjson
-    # refused to write it.
+    # orjson refuses to write past 254 levels; the json module writes these,
+    # and an item with nothing to clean is not cleaned for it.
     tags = "[" * depth + '"t"' + "]" * depth
     body = '{"uuid":"deep-1","status":2,"tags":' + tags + "}"
 
@@ -264,6 +264,16 @@ def test_an_item_nested_deeper_than_orjson_writes_is_stored_whole(depth: int) ->
 
     assert record.raw_json == '{"status":2,"tags":' + tags + ',"uuid":"deep-1"}'
     assert record.status == 2
+
+
+@pytest.mark.parametrize("depth", [MAX_NESTING, 900])
+@pytest.mark.parametrize("inside", ['"t"', '"t\\u0000"', "NaN"])
+def test_an_item_nested_too_deep_to_clean_is_refused(depth: int, inside: str) -> None:
+    tags = "[" * depth + inside + "]" * depth
+    item = read_json(('{"uuid":"deep-1","tags":' + tags + "}").encode())
+
+    with pytest.raises(RejectedItem, match="nested more than 256 levels deep"):
+        parse_task(item, ACCOUNT, SHANGHAI)
 
 
 def test_floats_are_read_as_json_reads_them() -> None:

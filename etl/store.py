@@ -873,7 +873,8 @@ def _statement_rows(total: int, largest: int) -> list[int]:
     return counts + [1 << bit for bit in bits if rest >> bit & 1]
 
 
-# Holds every count `_statement_rows` gives, for both statements.
+# Holds every count `_statement_rows` gives, for both statements: those up to
+# EXACT_ROWS, and the powers of two above, of which there are fewer than 16.
 @functools.lru_cache(maxsize=2 * (EXACT_ROWS + 16))
 def _values_sql(
     dialect: Dialect, build: Callable[[str], Any], columns: tuple[str, ...], count: int

@@ -37,6 +37,18 @@ def invoke(*args: str, token: str = "sim-token") -> Result:
     return runner.invoke(main, list(args), env={"TASK_ETL_TOKEN": token})
 
 
+def status_with_database(tmp_path: Path, url: str) -> Result:
+    """`status` under a configuration that names no database, given `url`."""
+    path = tmp_path / "task-etl.toml"
+    path.write_text(
+        "[api]\nbase_url = 'http://127.0.0.1:9'\n[[accounts]]\nuser_id = 'u'\n",
+        encoding="utf-8",
+    )
+    return CliRunner().invoke(
+        main, ["--config", str(path), "status"], env={"TASK_ETL_DATABASE_URL": url}
+    )
+
+
 def test_migrate_then_sync_then_status(
     tmp_path: Path, server: SimServer, simulator: Simulator, db_url: str
 ) -> None:
@@ -174,16 +186,9 @@ def test_a_configuration_that_is_not_utf8_exits_2_naming_the_file(
 
 
 def test_an_option_the_database_driver_cannot_read_exits_2(tmp_path: Path) -> None:
-    path = tmp_path / "task-etl.toml"
-    path.write_text(
-        "[api]\nbase_url = 'http://127.0.0.1:9'\n[[accounts]]\nuser_id = 'u'\n",
-        encoding="utf-8",
-    )
     url = f"sqlite:///{tmp_path}/tasks.db?timeout=abc"
 
-    result = CliRunner().invoke(
-        main, ["--config", str(path), "status"], env={"TASK_ETL_DATABASE_URL": url}
-    )
+    result = status_with_database(tmp_path, url)
 
     assert result.exit_code == 2
     assert result.stderr == (
@@ -195,17 +200,10 @@ def test_an_option_the_database_driver_cannot_read_exits_2(tmp_path: Path) -> No
 def test_an_error_line_shows_control_characters_escaped(tmp_path: Path) -> None:
     # A file name may hold a line break or a terminal escape sequence; the
     # error stays one line and leaves the terminal alone.
-    config = tmp_path / "task-etl.toml"
-    config.write_text(
-        "[api]\nbase_url = 'http://127.0.0.1:9'\n[[accounts]]\nuser_id = 'u'\n",
-        encoding="utf-8",
-    )
     url = f"sqlite:///{tmp_path}/x%0A%1B[2J.db"
 
     missing_config = invoke("--config", f"{tmp_path}/new\nline.toml", "status")
-    missing_database = CliRunner().invoke(
-        main, ["--config", str(config), "status"], env={"TASK_ETL_DATABASE_URL": url}
-    )
+    missing_database = status_with_database(tmp_path, url)
 
     assert missing_config.exit_code == 2
     assert missing_config.stderr == (

@@ -1,5 +1,6 @@
 from datetime import datetime
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -7,6 +8,7 @@ from sqlalchemy import Engine, inspect, select, text
 
 from etl import store
 from etl.config import DatabaseConfig
+from etl.errors import StoreError
 from etl.models import metadata, tasks
 
 # The revision before tasks.unlisted_after.
@@ -74,3 +76,35 @@ def upgrade_to(engine: Engine, revision: str, *, down: bool = False) -> None:
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         (command.downgrade if down else command.upgrade)(config, revision)
+
+
+def test_the_schema_a_sync_requires_is_alembics_newest_revision() -> None:
+    assert store.SCHEMA_HEAD == store.head_revision()
+
+
+def test_the_revision_read_without_alembic_is_alembics_own(db_url: str) -> None:
+    engine = store.connect(DatabaseConfig(url=db_url))
+    seen = []
+    for revision in (None, LOCKS_REVISION, "head"):
+        if revision is not None:
+            upgrade_to(engine, revision)
+        with engine.connect() as connection:
+            alembics = MigrationContext.configure(connection).get_current_revision()
+        seen.append((store.schema_revision(engine), alembics))
+
+    assert seen == [(None, None), (LOCKS_REVISION,) * 2, (store.SCHEMA_HEAD,) * 2]
+    engine.dispose()
+
+
+def test_a_database_a_revision_behind_is_refused_naming_both(db_url: str) -> None:
+    engine = store.connect(DatabaseConfig(url=db_url))
+    upgrade_to(engine, LOCKS_REVISION)
+
+    with pytest.raises(StoreError) as refused:
+        store.check_schema(engine)
+
+    assert str(refused.value) == (
+        f"the database is at schema {LOCKS_REVISION}, not {store.SCHEMA_HEAD}: "
+        "run `task-etl migrate` first"
+    )
+    engine.dispose()

@@ -276,7 +276,6 @@ class Client:
                 params=query,
                 auth=auth,
                 timeout=(self.api.connect_timeout, self.api.read_timeout),
-                verify=self.api.ca_bundle or True,
                 # A redirect could lead off the allow-list: follow none.
                 allow_redirects=False,
                 stream=True,
@@ -733,6 +732,16 @@ def _open_session(api: ApiConfig) -> requests.Session:
     session.headers.update(
         {"Content-Type": "application/json", "Accept": "application/json"}
     )
+    # The proxy and CA bundle that the environment names for the platform's
+    # host, read once: requests reads them again for every request, which
+    # was a quarter of its time per request. Every request goes to this one
+    # host, and follows no redirect.
+    settings = session.merge_environment_settings(
+        api.base_url, {}, None, api.ca_bundle or True, None
+    )
+    session.trust_env = False
+    session.proxies.update(settings["proxies"])
+    session.verify = settings["verify"]
     return session
 
 

@@ -247,6 +247,41 @@ def test_uses_the_token_of_the_main_account_when_one_is_given(platform, connect)
     ]
 
 
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_goes_through_the_proxy_the_environment_names(platform, connect, monkeypatch):
+    # The platform's address refuses connections: only the proxy answers.
+    monkeypatch.delenv("NO_PROXY")
+    monkeypatch.setenv("HTTP_PROXY", platform.url)
+    platform.script(Reply(body=envelope([])), Reply(body=envelope([])))
+    target = f"http://127.0.0.1:{closed_port()}"
+    client = connect(base_url=target)
+
+    get(client)
+    # Read when the client started, as requests did before every request;
+    # a change of the environment after that is not seen.
+    monkeypatch.delenv("HTTP_PROXY")
+    get(client)
+
+    assert [seen.headers["host"] for seen in platform.requests] == [
+        target.removeprefix("http://")
+    ] * 2
+    assert platform.requests[0].headers["authorization"] == f"Bearer {TOKEN}"
+
+
+def test_a_host_the_environment_exempts_is_not_proxied(platform, connect, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{closed_port()}")
+    platform.script(Reply(body=envelope([])))
+
+    get(connect())
+
+    assert len(platform.requests) == 1
+
+
 def test_adds_sub_user_id_and_quotes_user_id(platform, connect):
     platform.script(Reply(body=envelope([])))
 

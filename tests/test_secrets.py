@@ -290,6 +290,20 @@ def test_tls_trusts_the_configured_ca_bundle(
     assert https.asked[0].authorization == f"Bearer {TOKEN}"
 
 
+def test_tls_trusts_the_ca_bundle_the_environment_names(
+    https: Platform,
+    engine: Engine,
+    certificate: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate[0]))
+
+    summary = quick_sync(https_config(https.url, None), engine)
+
+    assert summary.outcome == "succeeded"
+    assert summary.counts.new == 3
+
+
 def test_a_ca_bundle_gone_since_loading_fails_the_account_naming_it(
     https: Platform, engine: Engine, tmp_path: Path
 ) -> None:

@@ -219,6 +219,13 @@ def get(client: Client, account: Account = MAIN) -> dict[str, Any]:
     return envelope
 
 
+def closed_port() -> int:
+    """A loopback port that nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 # Requests
 
 
@@ -245,12 +252,6 @@ def test_uses_the_token_of_the_main_account_when_one_is_given(platform, connect)
         "Bearer tok-of-u2",
         f"Bearer {TOKEN}",
     ]
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_goes_through_the_proxy_the_environment_names(platform, connect, monkeypatch):
@@ -476,10 +477,9 @@ def test_retries_a_stalled_read_then_gives_up(platform, connect, sleeps):
 
 
 def test_retries_a_refused_connection_then_gives_up(sleeps):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    api = ApiConfig(base_url=f"http://127.0.0.1:{port}", token=TOKEN, max_retries=2)
+    api = ApiConfig(
+        base_url=f"http://127.0.0.1:{closed_port()}", token=TOKEN, max_retries=2
+    )
 
     with Client(api, sleep=sleeps.append, limiter=RateLimiter(10_000)) as client:
         with pytest.raises(RetryableApiError, match="ConnectionError"):

@@ -1224,6 +1224,7 @@ def _alembic_config() -> Any:
 def migrate(engine: Engine) -> tuple[str | None, str]:
     """Bring the database to the current schema; return (before, after)."""
     from alembic import command
+    from alembic.util import CommandError
 
     config = _alembic_config()
     before = schema_revision(engine)
@@ -1232,6 +1233,10 @@ def migrate(engine: Engine) -> tuple[str | None, str]:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
     except SQLAlchemyError as exc:
+        raise StoreError(f"migration failed: {_first_line(exc)}") from exc
+    except CommandError as exc:
+        # A revision this version does not know: written by a newer
+        # task-etl, or another program's Alembic table in the same database.
         raise StoreError(f"migration failed: {_first_line(exc)}") from exc
     after = schema_revision(engine)
     if before != after:
@@ -1267,8 +1272,9 @@ def schema_revision(engine: Engine) -> str | None:
             )
     except SQLAlchemyError as exc:
         raise StoreError(f"cannot open the database: {_first_line(exc)}") from exc
-    # Alembic keeps one row per head: more than one means branches.
-    return ", ".join(sorted(found)) or None
+    # Alembic keeps one row per head: more than one means branches. A table
+    # written by hand may hold anything; it is named, never a traceback.
+    return ", ".join(sorted(str(value) for value in found if value is not None)) or None
 
 
 def check_schema(engine: Engine) -> None:

@@ -108,3 +108,43 @@ def test_a_database_a_revision_behind_is_refused_naming_both(db_url: str) -> Non
         "run `task-etl migrate` first"
     )
     engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "shown"),
+    [("INTEGER", 123, "123"), ("VARCHAR(32)", None, "none")],
+    ids=["a number", "NULL"],
+)
+def test_an_alembic_table_written_by_hand_is_named_in_one_line(
+    db_url: str, column: str, value: int | None, shown: str
+) -> None:
+    # Joining the rows as text raised TypeError, a traceback in every command.
+    engine = store.connect(DatabaseConfig(url=db_url))
+    with engine.begin() as connection:
+        connection.execute(text(f"CREATE TABLE alembic_version (version_num {column})"))
+        connection.execute(
+            text("INSERT INTO alembic_version VALUES (:value)"), {"value": value}
+        )
+
+    with pytest.raises(StoreError) as refused:
+        store.check_schema(engine)
+
+    assert str(refused.value).startswith(f"the database is at schema {shown}, not ")
+    engine.dispose()
+
+
+def test_migrating_from_a_revision_this_version_does_not_know_fails_in_one_line(
+    db_url: str,
+) -> None:
+    engine = store.connect(DatabaseConfig(url=db_url))
+    store.migrate(engine)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = 'f00d'"))
+
+    with pytest.raises(StoreError) as refused:
+        store.migrate(engine)
+
+    assert str(refused.value) == (
+        "migration failed: Can't locate revision identified by 'f00d'"
+    )
+    engine.dispose()

@@ -289,9 +289,9 @@ class Client:
             # requests reads the CA bundle as it sends, and a bundle gone
             # since the configuration was read raised outside its errors.
             _log_request(call, None, started)
-            hint = "; check api.ca_bundle" if self.api.ca_bundle else ""
             raise call.fatal(
-                f"the request could not be sent ({type(exc).__name__}){hint}"
+                f"the request could not be sent ({type(exc).__name__})"
+                f"{_bundle_hint(self.api, self._session)}"
             ) from None
         _log_request(call, response.status_code, started)
 
@@ -743,6 +743,15 @@ def _open_session(api: ApiConfig) -> requests.Session:
     session.proxies.update(settings["proxies"])
     session.verify = settings["verify"]
     return session
+
+
+def _bundle_hint(api: ApiConfig, session: requests.Session) -> str:
+    """Where the CA bundle that could not be read was named, if anywhere."""
+    if api.ca_bundle:
+        return "; check api.ca_bundle"
+    if isinstance(session.verify, str):
+        return "; check the CA bundle that REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE names"
+    return ""
 
 
 def _paging(account: Account, page: int | None) -> dict[str, Any]:

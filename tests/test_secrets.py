@@ -319,6 +319,21 @@ def test_a_ca_bundle_gone_since_loading_fails_the_account_naming_it(
     assert https.asked == []
 
 
+def test_a_ca_bundle_the_environment_names_but_is_gone_is_named(
+    https: Platform, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "gone.pem"))
+
+    summary = quick_sync(https_config(https.url, None), engine)
+
+    (error,) = summary.errors
+    assert error.endswith(
+        "could not be sent (OSError); check the CA bundle that "
+        "REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE names"
+    )
+    assert https.asked == []
+
+
 # -- the allow-list --------------------------------------------------------------
 
 

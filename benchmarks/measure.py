@@ -1,8 +1,9 @@
 """One measurement, run in a fresh process: `python measure.py SPEC_JSON`.
 
 Prints one JSON line: the wall time of the measured part, the tasks it
-handled and the peak resident memory of the whole process. Each kind
-imports only what it needs, so the memory figure is that kind's own:
+handled, the kind of database it wrote to (`dialect`) and the peak resident
+memory of the whole process. Each kind imports only what it needs, so the
+memory figure is that kind's own:
 
 - `fetch`: the floor of fetching; a plain `requests` loop walking every
   account's pages with the given parallelism and decoding the JSON.
@@ -121,7 +122,7 @@ def measure_write(spec: Spec) -> dict[str, Any]:
                     writer.write(account, items)
                 tasks += len(items)
     writer.close()
-    return clock.result(tasks=tasks)
+    return clock.result(tasks=tasks, dialect=writer.dialect)
 
 
 class _BareWriter:
@@ -129,6 +130,7 @@ class _BareWriter:
 
     def __init__(self, url: str) -> None:
         self.is_sqlite = url.startswith("sqlite")
+        self.dialect = "sqlite" if self.is_sqlite else "postgresql"
         marker = "?" if self.is_sqlite else "%s"
         updates = ", ".join(
             f"{name} = excluded.{name}"
@@ -232,6 +234,7 @@ def measure_sync(spec: Spec) -> dict[str, Any]:
     engine.dispose()
     counts = summary.counts
     return clock.result(
+        dialect=engine.dialect.name,
         tasks=counts.seen,
         outcome=summary.outcome,
         new=counts.new,
@@ -247,7 +250,8 @@ def measure_dlt(spec: Spec) -> dict[str, Any]:
     import dlt
 
     url: str = spec["database"]
-    if url.startswith("sqlite"):
+    dialect = "sqlite" if url.startswith("sqlite") else "postgresql"
+    if dialect == "sqlite":
         destination = dlt.destinations.sqlalchemy(credentials=url)
     else:
         # dlt insists on a password; the throwaway cluster trusts loopback and
@@ -275,7 +279,7 @@ def measure_dlt(spec: Spec) -> dict[str, Any]:
         rows = client.execute_sql(
             f"SELECT count(*) FROM {client.make_qualified_table_name('tasks')}"
         )
-    return clock.result(tasks=int(rows[0][0]) if rows else 0)
+    return clock.result(tasks=int(rows[0][0]) if rows else 0, dialect=dialect)
 
 
 # -- fetching pages ---------------------------------------------------------------

@@ -78,6 +78,13 @@ class Collected:
     )
 
     def add(self, tasks: int, name: str, database: str, result: dict[str, Any]) -> None:
+        # Each measurement says what it wrote to, so that a row can never
+        # be filed under the other database.
+        used = result.get("dialect", "")
+        _expect(
+            used == database,
+            f"{name} for {database or 'no database'} wrote to {used or 'none'}",
+        )
         self.samples.setdefault((tasks, name, database), []).append(result)
 
     def measurements(self) -> list[Measurement]:

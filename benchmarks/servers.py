@@ -241,11 +241,14 @@ class Databases:
         self._names: list[str] = []
 
     def new(self, label: str) -> str:
-        """The SQLAlchemy URL of a new, empty database."""
+        """The SQLAlchemy URL of a new, empty database of this kind."""
         name = f"bench_{next(_database_numbers)}_{label}"
-        self._names.append(name)
-        if self._cluster is None:
+        # By kind, not by whether a server was given: a run of both kinds
+        # has one, and its SQLite rows once measured PostgreSQL.
+        if self.kind == "sqlite":
             return f"sqlite:///{self._dir / name}.db"
+        assert self._cluster is not None, "checked when made"
+        self._names.append(name)
         return self._cluster.create_database(name)
 
     @property

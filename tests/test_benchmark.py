@@ -67,7 +67,7 @@ def test_benchmark_measures_every_row_on_sqlite_and_the_delay_mode(
     assert all(t["value"] <= t["limit"] for t in busiest)
 
 
-def test_benchmark_measures_postgresql_on_a_given_server(
+def test_benchmark_measures_both_databases_on_a_given_server(
     tmp_path: Path, pg_cluster: PgCluster
 ) -> None:
     server = pg_cluster.url("postgres")
@@ -75,14 +75,21 @@ def test_benchmark_measures_postgresql_on_a_given_server(
     _, document = run_benchmark(
         tmp_path,
         "--databases",
-        "postgresql",
+        "sqlite,postgresql",
         "--modes",
         "throughput",
         "--postgresql-url",
         server,
     )
 
-    assert measured(document) == expected("postgresql")
+    assert measured(document) == expected("sqlite") | expected("postgresql")
+    # With a server at hand, the SQLite rows were measured on PostgreSQL.
+    written = {
+        (m["name"], m["database"]): m["extra"]["dialect"]
+        for m in document["measurements"]
+        if m["database"]
+    }
+    assert written == {(name, database): database for name, database in written}
     with pg_cluster.connect_admin() as conn:
         left = conn.execute(
             "SELECT datname FROM pg_database WHERE datname LIKE 'bench%'"

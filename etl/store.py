@@ -1207,7 +1207,7 @@ def _first_line(exc: BaseException) -> str:
 # requires without reading the revision files through Alembic (see
 # `schema_revision`); a test holds it to `head_revision()`.
 SCHEMA_HEAD = "c7f3a9e1d004"
-VERSION_TABLE = "alembic_version"
+_VERSION_TABLE = "alembic_version"
 _version_num = column("version_num", String)
 
 
@@ -1261,11 +1261,11 @@ def schema_revision(engine: Engine) -> str | None:
     """
     try:
         with engine.connect() as connection:
-            if not inspect(connection).has_table(VERSION_TABLE):
+            if not inspect(connection).has_table(_VERSION_TABLE):
                 return None
             found = (
                 connection.execute(
-                    select(_version_num).select_from(table(VERSION_TABLE))
+                    select(_version_num).select_from(table(_VERSION_TABLE))
                 )
                 .scalars()
                 .all()

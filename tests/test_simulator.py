@@ -593,8 +593,12 @@ def test_run_serves_and_moves_the_clock_until_interrupted() -> None:
         "run(2, 0, tick=0.05, step=3600, main_accounts=1, sub_accounts=0, "
         "tasks_per_account=10)"
     )
+    # faulthandler: a child that does not stop prints where each of its
+    # threads is when it is aborted below (it once hung, not reproduced).
     child = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-X", "faulthandler", "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         url, user_id = read_announcement(child)
@@ -610,8 +614,12 @@ def test_run_serves_and_moves_the_clock_until_interrupted() -> None:
         assert seen[-1] != seen[0]
     finally:
         if child.poll() is None:
-            child.kill()
-            child.wait(timeout=10)
+            child.send_signal(signal.SIGABRT)
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(timeout=10)
 
 
 def read_announcement(child: subprocess.Popen[str]) -> tuple[str, str]:

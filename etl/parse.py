@@ -222,13 +222,10 @@ def _identity(value: dict[str, Any]) -> tuple[bytes, bool]:
     refused for its depth is cleaned only when it shows something to clean,
     and refused when deeper than cleaning can go.
     """
-    try:
-        written = orjson.dumps(value, option=_ORJSON_OPTIONS)
-    except TypeError:
+    written = _orjson_form(value)
+    if written is None:
         if _nested_deeper_than(value, MAX_NESTING):
-            raise TooDeepItem(
-                f"item is nested more than {MAX_NESTING} levels deep"
-            ) from None
+            raise TooDeepItem(f"item is nested more than {MAX_NESTING} levels deep")
         canonical = _json_module_form(value)
         return canonical, _shows_unclean(canonical)
 
@@ -343,10 +340,16 @@ def canonical_json(value: Any) -> bytes:
     otherwise (a `ReadFloat`) or not at all (an integer beyond 64 bits, a
     lone surrogate, a deep nesting), and the json module writes those.
     """
+    written = _orjson_form(value)
+    return _json_module_form(value) if written is None else written
+
+
+def _orjson_form(value: Any) -> bytes | None:
+    """`canonical_json` as orjson writes it; None where orjson refuses."""
     try:
         return orjson.dumps(value, option=_ORJSON_OPTIONS)
     except TypeError:
-        return _json_module_form(value)
+        return None
 
 
 def _shows_unclean(canonical: bytes) -> bool:

@@ -13,6 +13,7 @@ body: those may hold secrets or customers' callback URLs.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -184,6 +185,7 @@ class Client:
         self._rng = rng or random.Random()
         self._limiter = limiter or RateLimiter(api.requests_per_second, sleep=sleep)
         self._session = _open_session(api)
+        self._proxy_note = _proxy_note(api.base_url, self._session.proxies)
 
     def __enter__(self) -> Client:
         return self
@@ -284,7 +286,7 @@ class Client:
         except requests.RequestException as exc:
             _log_request(call, None, started)
             # requests' own message holds the full URL with its query.
-            raise _network_error(call, exc) from None
+            raise _network_error(call, exc, self._proxy_note) from None
         except OSError as exc:
             # requests reads the CA bundle as it sends, and a bundle gone
             # since the configuration was read raised outside its errors.
@@ -763,20 +765,41 @@ def _paging(account: Account, page: int | None) -> dict[str, Any]:
     return query
 
 
-def _network_error(call: _Call, exc: requests.RequestException) -> ApiError:
+def _proxy_note(url: str, proxies: Mapping[str, str]) -> str:
+    """What to add to a network error about the proxy requests go through.
+
+    Its scheme only: a proxy's address can hold a password.
+    """
+    proxy = requests.utils.select_proxy(url, dict(proxies))
+    if not proxy:
+        return ""
+    scheme = proxy.partition("://")[0].lower() if "://" in proxy else "http"
+    note = (
+        f", through the {scheme} proxy that the environment names (HTTPS_PROXY,"
+        " HTTP_PROXY or ALL_PROXY)"
+    )
+    # requests says only "Missing dependencies for SOCKS support".
+    if scheme.startswith("socks") and importlib.util.find_spec("socks") is None:
+        note += ", which needs PySocks: pip install 'requests[socks]'"
+    return note
+
+
+def _network_error(
+    call: _Call, exc: requests.RequestException, proxy_note: str = ""
+) -> ApiError:
     name = type(exc).__name__
     if isinstance(exc, requests.exceptions.SSLError):
-        return call.fatal(f"TLS failed ({name}); check api.ca_bundle")
+        return call.fatal(f"TLS failed ({name}){proxy_note}; check api.ca_bundle")
     if isinstance(exc, requests.Timeout):
-        return call.retryable(f"no answer in time ({name})")
+        return call.retryable(f"no answer in time ({name}){proxy_note}")
     transient = (
         requests.ConnectionError,
         requests.exceptions.ChunkedEncodingError,
         requests.exceptions.ContentDecodingError,
     )
     if isinstance(exc, transient):
-        return call.retryable(f"the connection failed ({name})")
-    return call.fatal(f"the request could not be sent ({name})")
+        return call.retryable(f"the connection failed ({name}){proxy_note}")
+    return call.fatal(f"the request could not be sent ({name}){proxy_note}")
 
 
 def _retry_after(response: requests.Response) -> float | None:

@@ -7,6 +7,7 @@ instead of slept, so retries cost no time.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import random
@@ -281,6 +282,44 @@ def test_a_host_the_environment_exempts_is_not_proxied(platform, connect, monkey
     get(connect())
 
     assert len(platform.requests) == 1
+
+
+PROXY_NOTE = (
+    "through the {} proxy that the environment names (HTTPS_PROXY, HTTP_PROXY"
+    " or ALL_PROXY)"
+)
+
+
+def test_a_proxy_that_refuses_is_named_without_its_password(connect, monkeypatch):
+    monkeypatch.delenv("NO_PROXY")
+    monkeypatch.setenv("HTTP_PROXY", f"http://ops:s3cret@127.0.0.1:{closed_port()}")
+
+    with pytest.raises(RetryableApiError) as raised:
+        get(connect())
+
+    message = str(raised.value)
+    assert "the connection failed (ProxyError), " + PROXY_NOTE.format("http") in (
+        message
+    )
+    assert "s3cret" not in message and "ops" not in message
+
+
+def test_a_socks_proxy_without_pysocks_says_what_it_needs(connect, monkeypatch):
+    # requests alone said "Missing dependencies for SOCKS support".
+    assert importlib.util.find_spec("socks") is None, "the tests install no PySocks"
+    monkeypatch.delenv("NO_PROXY")
+    monkeypatch.setenv("ALL_PROXY", f"socks5h://ops:s3cret@127.0.0.1:{closed_port()}")
+
+    with pytest.raises(FatalApiError) as raised:
+        get(connect())
+
+    message = str(raised.value)
+    assert message.endswith(
+        "the request could not be sent (InvalidSchema), "
+        + PROXY_NOTE.format("socks5h")
+        + ", which needs PySocks: pip install 'requests[socks]'"
+    )
+    assert "s3cret" not in message
 
 
 def test_adds_sub_user_id_and_quotes_user_id(platform, connect):

@@ -45,6 +45,8 @@ _CHUNK = 64 * 1024
 MESSAGE_LIMIT = 200
 _URL = re.compile(r"[a-z][a-z0-9+.-]*://\S*", re.IGNORECASE)
 _DIGITS = re.compile(r"[0-9]+")
+# A URI scheme (RFC 3986) and "://", at the start of a proxy setting.
+_PROXY_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,15})://")
 
 
 # How long after leaving the limiter a request may reach the server: a
@@ -254,7 +256,7 @@ class Client:
             except RetryableApiError as error:
                 if attempt >= self.api.max_retries:
                     raise call.retryable(
-                        f"{error.reason}; gave up after {attempt + 1} tries",
+                        f"{error.reason}; gave up after {_tries(attempt + 1)}",
                         error.status,
                         error.retry_after,
                     ) from None
@@ -293,7 +295,15 @@ class Client:
             _log_request(call, None, started)
             raise call.fatal(
                 f"the request could not be sent ({type(exc).__name__})"
-                f"{_bundle_hint(self.api, self._session)}"
+                f"{self._proxy_note}{_bundle_hint(self.api, self._session)}"
+            ) from None
+        except (ValueError, TypeError) as exc:
+            # So do proxy settings requests cannot use ("http://user:pw@",
+            # "socks://" with PySocks), with the proxy's address in the text.
+            _log_request(call, None, started)
+            raise call.fatal(
+                f"the request could not be sent ({type(exc).__name__})"
+                f"{self._proxy_note}"
             ) from None
         _log_request(call, response.status_code, started)
 
@@ -320,12 +330,17 @@ class Client:
                     if time.monotonic() - started > budget:
                         raise call.retryable(
                             f"the answer did not arrive whole in {budget:g} s"
+                            f"{self._proxy_note}"
                         )
             except urllib3.exceptions.ReadTimeoutError:
-                raise call.retryable("no answer in time (ReadTimeoutError)") from None
+                raise call.retryable(
+                    f"no answer in time (ReadTimeoutError){self._proxy_note}"
+                ) from None
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 name = type(exc).__name__
-                raise call.retryable(f"the connection failed ({name})") from None
+                raise call.retryable(
+                    f"the connection failed ({name}){self._proxy_note}"
+                ) from None
         # Read here, the body is what `content` gives from now on.
         response._content = b"".join(chunks)
         return response._content
@@ -338,10 +353,14 @@ class Client:
                 f" token{self._said(response)}",
                 status,
             )
+        if status == 407:
+            raise call.fatal(f"a proxy asked for credentials{self._proxy_note}", status)
         if status == 429 or status >= 500:
+            # A proxy in between answers for a platform it cannot reach.
             reason = "asked us to slow down" if status == 429 else "failed"
+            note = self._proxy_note if status >= 500 else ""
             raise call.retryable(
-                f"the platform {reason}", status, _retry_after(response)
+                f"the platform {reason}{note}", status, _retry_after(response)
             )
         if status >= 400:
             raise call.fatal(
@@ -768,14 +787,19 @@ def _paging(account: Account, page: int | None) -> dict[str, Any]:
 def _proxy_note(url: str, proxies: Mapping[str, str]) -> str:
     """What to add to a network error about the proxy requests go through.
 
-    Its scheme only: a proxy's address can hold a password.
+    Its scheme at most: a proxy's address can hold a password. A setting
+    that does not begin with a plain scheme ("user:pw@host", "host:port/?
+    next=http://") gets none named, as anything taken from it could be part
+    of the address.
     """
     proxy = requests.utils.select_proxy(url, dict(proxies))
     if not proxy:
         return ""
-    scheme = proxy.partition("://")[0].lower() if "://" in proxy else "http"
+    scheme_named = _PROXY_SCHEME.match(proxy.strip())
+    scheme = scheme_named.group(1).lower() if scheme_named else ""
+    kind = f"{scheme} proxy" if scheme else "proxy"
     note = (
-        f", through the {scheme} proxy that the environment names (HTTPS_PROXY,"
+        f", through the {kind} that the environment names (HTTPS_PROXY,"
         " HTTP_PROXY or ALL_PROXY)"
     )
     # requests says only "Missing dependencies for SOCKS support".
@@ -816,6 +840,10 @@ def _retry_after(response: requests.Response) -> float | None:
         when = when.replace(tzinfo=UTC)
     # A date already past means "now".
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _tries(count: int) -> str:
+    return "1 try" if count == 1 else f"{count} tries"
 
 
 def _whole_number(value: object) -> int | None:

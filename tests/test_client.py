@@ -27,7 +27,7 @@ import pytest
 from etl.accounts import Account
 from etl.client import SEND_LAG, Client, RateLimiter
 from etl.config import ApiConfig
-from etl.errors import FatalApiError, PageLimitError, RetryableApiError
+from etl.errors import ApiError, FatalApiError, PageLimitError, RetryableApiError
 
 pytestmark = pytest.mark.timeout(15)
 
@@ -320,6 +320,61 @@ def test_a_socks_proxy_without_pysocks_says_what_it_needs(connect, monkeypatch):
         + ", which needs PySocks: pip install 'requests[socks]'"
     )
     assert "s3cret" not in message
+
+
+@pytest.mark.parametrize(
+    ("reply", "said"),
+    [
+        (Reply(body=b'{"code":', length=100), "the connection failed (ProtocolError)"),
+        (Reply(407), "HTTP 407: a proxy asked for credentials"),
+        (Reply(502), "HTTP 502: the platform failed"),
+    ],
+)
+def test_what_goes_wrong_behind_a_proxy_names_it(
+    platform, connect, monkeypatch, reply, said
+):
+    monkeypatch.delenv("NO_PROXY")
+    proxy = platform.url.replace("http://", "http://ops:s3cret@")
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    platform.respond = lambda seen: reply
+    client = connect(base_url=f"http://127.0.0.1:{closed_port()}", max_retries=0)
+
+    with pytest.raises(ApiError) as raised:
+        get(client)
+
+    message = str(raised.value)
+    assert f"{said}, {PROXY_NOTE.format('http')}" in message
+    assert "s3cret" not in message
+    if reply.status != 407:  # the others are worth asking again
+        assert message.endswith("; gave up after 1 try")
+
+
+@pytest.mark.parametrize(
+    ("setting", "kind"),
+    [
+        # Neither begins with a scheme: nothing of them is named.
+        ("ops:pa://s3cret@127.0.0.1:{port}", "proxy"),
+        ("127.0.0.1:{port}/?next=http://x", "proxy"),
+        (" HTTP://ops:s3cret@127.0.0.1:{port}", "http proxy"),
+        # requests fails on it with a TypeError, not one of its errors.
+        ("http://ops:s3cret@", "http proxy"),
+    ],
+)
+def test_an_odd_proxy_setting_fails_in_one_line_without_its_address(
+    connect, monkeypatch, setting, kind
+):
+    monkeypatch.delenv("NO_PROXY")
+    port = str(closed_port())
+    monkeypatch.setenv("HTTP_PROXY", setting.format(port=port))
+
+    with pytest.raises(ApiError) as raised:
+        get(connect(max_retries=0))
+
+    message = str(raised.value)
+    assert f", through the {kind} that the environment names (" in message
+    assert "\n" not in message
+    for secret in ("s3cret", "ops", port, "next"):
+        assert secret not in message
 
 
 def test_adds_sub_user_id_and_quotes_user_id(platform, connect):

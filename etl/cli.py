@@ -38,7 +38,8 @@ EARLIEST_SINCE = datetime(1970, 1, 1)
 # More runs than anyone reads; past 2**63 SQLite's LIMIT overflowed.
 MOST_RUNS_SHOWN = 1_000_000
 
-QUIET_LOGGERS = ("sqlalchemy.engine", "apscheduler", "urllib3", "alembic")
+# PySocks ("socks") logs the proxy's address at every failed connection.
+QUIET_LOGGERS = ("sqlalchemy.engine", "apscheduler", "urllib3", "alembic", "socks")
 
 
 class FiniteRange(click.FloatRange):

@@ -45,8 +45,12 @@ _CHUNK = 64 * 1024
 MESSAGE_LIMIT = 200
 _URL = re.compile(r"[a-z][a-z0-9+.-]*://\S*", re.IGNORECASE)
 _DIGITS = re.compile(r"[0-9]+")
-# A URI scheme (RFC 3986) and "://", at the start of a proxy setting.
-_PROXY_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,15})://")
+# The schemes of proxies that requests knows, named in errors; another word
+# before "://" could be a user name typed in the wrong place.
+_PROXY_SCHEME = re.compile(r"(https?|socks[45]?[ah]?)://", re.IGNORECASE)
+# How http.client reports a proxy refusing to open a tunnel without
+# credentials: the one way to tell it from other refusals.
+_TUNNEL_NEEDS_CREDENTIALS = re.compile(r"Tunnel connection failed: 407\b")
 
 
 # How long after leaving the limiter a request may reach the server: a
@@ -288,7 +292,8 @@ class Client:
         except requests.RequestException as exc:
             _log_request(call, None, started)
             # requests' own message holds the full URL with its query.
-            raise _network_error(call, exc, self._proxy_note) from None
+            hint = _bundle_hint(self.api, self._session)
+            raise _network_error(call, exc, self._proxy_note, hint) from None
         except OSError as exc:
             # requests reads the CA bundle as it sends, and a bundle gone
             # since the configuration was read raised outside its errors.
@@ -785,17 +790,17 @@ def _paging(account: Account, page: int | None) -> dict[str, Any]:
 
 
 def _proxy_note(url: str, proxies: Mapping[str, str]) -> str:
-    """What to add to a network error about the proxy requests go through.
+    """What a failed request's error adds about the proxy it went through.
 
     Its scheme at most: a proxy's address can hold a password. A setting
-    that does not begin with a plain scheme ("user:pw@host", "host:port/?
+    that does not begin with a known scheme ("user:pw@host", "host:port/?
     next=http://") gets none named, as anything taken from it could be part
     of the address.
     """
     proxy = requests.utils.select_proxy(url, dict(proxies))
     if not proxy:
         return ""
-    scheme_named = _PROXY_SCHEME.match(proxy.strip())
+    scheme_named = _PROXY_SCHEME.match(proxy)
     scheme = scheme_named.group(1).lower() if scheme_named else ""
     kind = f"{scheme} proxy" if scheme else "proxy"
     note = (
@@ -809,11 +814,17 @@ def _proxy_note(url: str, proxies: Mapping[str, str]) -> str:
 
 
 def _network_error(
-    call: _Call, exc: requests.RequestException, proxy_note: str = ""
+    call: _Call, exc: requests.RequestException, proxy_note: str, bundle_hint: str
 ) -> ApiError:
     name = type(exc).__name__
     if isinstance(exc, requests.exceptions.SSLError):
-        return call.fatal(f"TLS failed ({name}){proxy_note}; check api.ca_bundle")
+        hint = bundle_hint or "; check api.ca_bundle"
+        return call.fatal(f"TLS failed ({name}){proxy_note}{hint}")
+    if isinstance(exc, requests.exceptions.ProxyError) and (
+        _TUNNEL_NEEDS_CREDENTIALS.search(str(exc))
+    ):
+        # Asking again brings the same refusal.
+        return call.fatal(f"a proxy asked for credentials ({name}){proxy_note}")
     if isinstance(exc, requests.Timeout):
         return call.retryable(f"no answer in time ({name}){proxy_note}")
     transient = (

@@ -355,7 +355,9 @@ def test_what_goes_wrong_behind_a_proxy_names_it(
         # Neither begins with a scheme: nothing of them is named.
         ("ops:pa://s3cret@127.0.0.1:{port}", "proxy"),
         ("127.0.0.1:{port}/?next=http://x", "proxy"),
-        (" HTTP://ops:s3cret@127.0.0.1:{port}", "http proxy"),
+        (" HTTP://ops:s3cret@127.0.0.1:{port}", "proxy"),
+        # A word before "://" that no proxy scheme is could be a user name.
+        ("s3cret://ops@127.0.0.1:{port}", "proxy"),
         # requests fails on it with a TypeError, not one of its errors.
         ("http://ops:s3cret@", "http proxy"),
     ],
@@ -375,6 +377,39 @@ def test_an_odd_proxy_setting_fails_in_one_line_without_its_address(
     assert "\n" not in message
     for secret in ("s3cret", "ops", port, "next"):
         assert secret not in message
+
+
+def test_a_proxy_that_wants_credentials_for_a_tunnel_is_not_asked_again(
+    connect, monkeypatch
+):
+    # The platform is reached over TLS, through a tunnel the proxy opens.
+    with socket.create_server(("127.0.0.1", 0)) as proxy:
+        monkeypatch.delenv("NO_PROXY")
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        refusing = threading.Thread(target=refuse_tunnels, args=(proxy, 1))
+        refusing.start()
+        client = connect(base_url="https://platform.invalid", max_retries=3)
+
+        with pytest.raises(FatalApiError) as raised:
+            get(client)
+        refusing.join(timeout=10)
+
+    assert str(raised.value).endswith(
+        "a proxy asked for credentials (ProxyError), " + PROXY_NOTE.format("http")
+    )
+
+
+def refuse_tunnels(proxy: socket.socket, count: int) -> None:
+    """Answer `count` CONNECT requests with 407, as a proxy wanting a login."""
+    proxy.settimeout(10)
+    for _ in range(count):
+        connection, _ = proxy.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(
+                b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                b"Proxy-Authenticate: Basic\r\nContent-Length: 0\r\n\r\n"
+            )
 
 
 def test_adds_sub_user_id_and_quotes_user_id(platform, connect):

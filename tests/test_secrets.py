@@ -24,7 +24,7 @@ from scripted import CALLBACK, TOKEN, Platform, Reply, envelope, serve, task, ta
 from sqlalchemy import Engine, select
 
 from etl.accounts import Account
-from etl.cli import main
+from etl.cli import main, setup_logging
 from etl.client import Client, RateLimiter
 from etl.config import ApiConfig, Config, DatabaseConfig, MainAccount
 from etl.errors import FatalApiError
@@ -363,3 +363,26 @@ def test_a_sync_calls_only_the_allow_listed_read_endpoints(engine: Engine) -> No
     assert requests == len(served)
     assert {s.endpoint for s in served} == {"task", "subset_users"}
     assert {s.user_id for s in served} == set(simulator.main_user_ids())
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    loggers = {name: logging.getLogger(name).level for name in ("socks", "urllib3")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, saved in loggers.items():
+        logging.getLogger(name).setLevel(saved)
+
+
+@pytest.mark.usefixtures("restored_logging")
+def test_verbose_logs_leave_out_the_libraries_that_log_a_proxys_address() -> None:
+    # PySocks logs "Error connecting to SOCKS5 proxy host:port" at DEBUG,
+    # and urllib3 each new connection's host.
+    setup_logging(verbose=2, quiet=False)
+
+    assert logging.getLogger().isEnabledFor(logging.DEBUG)
+    for name in ("socks", "urllib3"):
+        assert not logging.getLogger(name).isEnabledFor(logging.INFO), name

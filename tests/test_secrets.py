@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from click.testing import CliRunner
 from scripted import CALLBACK, TOKEN, Platform, Reply, envelope, serve, task, tasks
 from sqlalchemy import Engine, select
@@ -302,6 +303,22 @@ def test_tls_trusts_the_ca_bundle_the_environment_names(
 
     assert summary.outcome == "succeeded"
     assert summary.counts.new == 3
+
+
+def test_a_ca_bundle_from_the_environment_that_does_not_trust_is_named(
+    https: Platform, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It said "check api.ca_bundle", which was not set.
+    # requests' own bundle, which knows no self-signed certificate.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", requests.certs.where())
+
+    summary = quick_sync(https_config(https.url, None), engine)
+
+    (error,) = summary.errors
+    assert error.endswith(
+        "TLS failed (SSLError); check the CA bundle that REQUESTS_CA_BUNDLE or"
+        " CURL_CA_BUNDLE names"
+    )
 
 
 def test_a_ca_bundle_gone_since_loading_fails_the_account_naming_it(

@@ -1,10 +1,11 @@
 """A run: resolve the accounts, walk them, store every page, record the outcome.
 
-Accounts are walked by a pool of fetching threads under the client's global
-rate limit. Every page goes through one bounded queue to this module's
-single writer, so the database sees one writer per run (SQLite allows no
-more, and it keeps the history free of races between accounts listing the
-same task) and memory stays bounded by the queue, not by the data.
+Accounts are walked, and main accounts' sub-accounts listed, by a pool of
+fetching threads under the client's global rate limit. Every page goes
+through one bounded queue to this module's single writer, so the database
+sees one writer per run (SQLite allows no more, and it keeps the history
+free of races between accounts listing the same task) and memory stays
+bounded by the queue, not by the data.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
@@ -25,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from etl import archive, locks, rollup, runs, store
 from etl.accounts import ID_LENGTH, Account
 from etl.client import Client, Page
-from etl.config import Config
+from etl.config import Config, MainAccount
 from etl.errors import (
     ApiError,
     ArchiveError,
@@ -97,28 +98,28 @@ class Progress:
 
 
 @dataclass(frozen=True)
-class Resolved:
-    """The accounts of a run and what went wrong finding them.
-
-    `discovery_errors` maps (user_id, sub_user_id) to a failed sub-account
-    discovery to record on that account, whose own walk may succeed: else
-    its record would look fine while the list of sub-accounts is failing.
-    """
-
-    accounts: list[Account]
-    errors: list[str]
-    discovery_errors: dict[tuple[str, str], str] = field(default_factory=dict)
-    # A stop came before every main account was resolved.
-    stopped: bool = False
-
-
-@dataclass(frozen=True)
 class _WalkEnd:
     account: Account
     started: datetime
     complete: bool
     error: str | None
     skipped: str | None = None
+
+
+@dataclass(frozen=True)
+class _Discover:
+    """A walker's job: list the sub-accounts of a main account."""
+
+    main: MainAccount
+
+
+@dataclass(frozen=True)
+class _Discovered:
+    """The sub-accounts a discovery listed (or earlier runs found, when the
+    list failed), for the writer to add to the run."""
+
+    user_id: str
+    accounts: list[Account]
 
 
 @dataclass
@@ -250,8 +251,24 @@ class _Run:
         self.counts = PageCounts()
         self.pages = 0
         self.errors: list[str] = []
+        # Failed lists of sub-accounts by main account, set by the walkers;
+        # the run reports them first, in the configuration's order.
+        self.list_errors: dict[str, str] = {}
         self.states: dict[Account, _AccountState] = {}
         self.discovery_errors: dict[tuple[str, str], str] = {}
+        # The accounts named by `only` (all when empty), and the keys of
+        # those taken into the run so far.
+        self.wanted: set[str] = set()
+        self.keys: set[tuple[str, str]] = set()
+        # The walkers' jobs: main accounts to discover, then accounts to
+        # walk, and once no more can come, one None for each walker.
+        self.jobs: queue.SimpleQueue[_Discover | Account | None] = queue.SimpleQueue()
+        self.walkers = 0
+        # Kept by the writer: walks not ended, main accounts whose discovery
+        # it has not had yet, and the end of any of their walks until then.
+        self.walking = 0
+        self.discovering: set[str] = set()
+        self.held_ends: dict[str, _WalkEnd] = {}
         # Set to end the walks: by a stop request, the deadline, or an error.
         self.stop = halt or threading.Event()
         self.halted_by: str | None = None
@@ -260,7 +277,7 @@ class _Run:
         self.writer = store.PageWriter(engine)
         # Room for two pages per fetcher keeps them busy while the writer
         # works, and bounds memory whatever the number of pages.
-        self.queue: queue.Queue[PageBatch | _WalkEnd] = queue.Queue(
+        self.queue: queue.Queue[PageBatch | _WalkEnd | _Discovered] = queue.Queue(
             maxsize=2 * config.api.parallelism
         )
 
@@ -279,9 +296,7 @@ class _Run:
         holding = locks.hold(self.engine, self.config.locks, run_id, stop=self.stop)
         try:
             with holding as self.locks:
-                found = self._resolve(only)
-                runs.register_accounts(self.engine, found)
-                self._walk_all(found)
+                self._walk_all(only)
                 self._end_cut_walks(deadline)
         except RunInterrupted:
             self.cut_short = True
@@ -296,7 +311,7 @@ class _Run:
                 accounts_total=len(self.states),
                 accounts_failed=len(self.states),
                 pages=self.pages,
-                errors=self.errors or ["the run crashed"],
+                errors=self._errors() or ["the run crashed"],
             )
             raise
         finally:
@@ -314,7 +329,7 @@ class _Run:
             accounts_total=len(self.states),
             accounts_failed=failed,
             pages=self.pages,
-            errors=self.errors,
+            errors=self._errors(),
             accounts_skipped=skipped,
         )
         summary = RunSummary(
@@ -325,7 +340,7 @@ class _Run:
             accounts_failed=failed,
             pages=self.pages,
             counts=self.counts,
-            errors=tuple(self.errors),
+            errors=tuple(self._errors()),
             seconds=time.monotonic() - began,
             accounts_skipped=skipped,
         )
@@ -401,9 +416,16 @@ class _Run:
         if self.cut_short and self.halted_by == "deadline":
             return "failed"
         walked = len(self.states) - skipped
-        if skipped and not walked and not self.errors:
+        if skipped and not walked and not self._errors():
             return "skipped"
-        return _outcome(walked, failed, len(self.errors))
+        return _outcome(walked, failed, len(self._errors()))
+
+    def _errors(self) -> list[str]:
+        """The run's errors: failed lists of sub-accounts first, as when
+        every list was read before any walk, whatever order they failed in."""
+        mains = [main.user_id for main in self.config.accounts]
+        lists = [self.list_errors[m] for m in mains if m in self.list_errors]
+        return lists + self.errors
 
     def _record_walk(self, account: Account, outcome: str) -> None:
         state = self.states[account]
@@ -420,32 +442,40 @@ class _Run:
 
     def _error(self, account: Account) -> str | None:
         """What to record as the account's error: its walk's, and a failed
-        discovery that it carries (see `Resolved`)."""
+        discovery of sub-accounts that it carries, or its record would look
+        fine while the list of sub-accounts is failing (see `_discover`)."""
         parts = (self.states[account].error, self.discovery_errors.get(_key(account)))
         return "; ".join(part for part in parts if part) or None
 
-    def _resolve(self, only: Sequence[str]) -> list[Account]:
-        resolved = resolve(self.config, self.client, self.engine, self.stop)
-        self.errors.extend(resolved.errors)
-        self.discovery_errors = resolved.discovery_errors
-        if resolved.stopped:
-            raise RunInterrupted("the run was stopped")
-        found = resolved.accounts
-        if only:
-            wanted = set(only)
-            found = [a for a in found if a.label in wanted or a.user_id in wanted]
-            missing = wanted - {a.label for a in found} - {a.user_id for a in found}
-            for label in sorted(missing):
-                self.errors.append(f"account {label}: not configured or discovered")
-        return found
+    def _walk_all(self, only: Sequence[str]) -> None:
+        """Walk the configured accounts while the main accounts' sub-accounts
+        are discovered, and those as they are found.
 
-    def _walk_all(self, found: list[Account]) -> None:
-        for account in found:
-            self.states[account] = _AccountState()
-        walkers = self._start_walkers(found)
+        Each discovery is a walker's job, queued before the walks: one
+        walker asks for every list before any walk, as a run did before it
+        discovered in parallel, and several start walking at once instead
+        of waiting for the lists.
+        """
+        if self.stop.is_set():
+            # Stopped already, during a backfill's check of its selectors.
+            raise RunInterrupted("the run was stopped")
+        self.wanted = set(only)
+        configured = self._new_accounts(
+            account for main in self.config.accounts for account in _configured(main)
+        )
+        runs.register_accounts(self.engine, configured)
+        for main in self.config.accounts:
+            if main.discover_sub_accounts:
+                self.discovering.add(main.user_id)
+                self.jobs.put(_Discover(main))
+        for account in configured:
+            self._add(account)
+        walkers = self._start_walkers()
+        if not self.discovering:
+            self._no_more_jobs()
         try:
             with self.writer:
-                self._write_until_done(len(found))
+                self._write_until_done()
         except BaseException:
             # Release fetchers blocked on the full queue, or waiting for
             # them would last for ever.
@@ -456,34 +486,97 @@ class _Run:
                 for thread in walkers:
                     thread.join()
 
-    def _start_walkers(self, found: list[Account]) -> list[threading.Thread]:
-        """Threads that walk the accounts, api.parallelism at a time.
+    def _new_accounts(self, accounts: Iterable[Account]) -> list[Account]:
+        """Those of `accounts` that the run wants and does not have yet."""
+        new = []
+        for account in accounts:
+            key = _key(account)
+            wanted = not self.wanted or bool(
+                {account.label, account.user_id} & self.wanted
+            )
+            if wanted and key not in self.keys:
+                self.keys.add(key)
+                new.append(account)
+        return new
+
+    def _add(self, account: Account) -> None:
+        self.states[account] = _AccountState()
+        self.walking += 1
+        self.jobs.put(account)
+
+    def _no_more_jobs(self) -> None:
+        """Every account of the run is known: name those asked for but not
+        found, and let each walker end once the walks queued are taken."""
+        found = {a.label for a in self.states} | {a.user_id for a in self.states}
+        for label in sorted(self.wanted - found):
+            self.errors.append(f"account {label}: not configured or discovered")
+        for _ in range(self.walkers):
+            self.jobs.put(None)
+
+    def _start_walkers(self) -> list[threading.Thread]:
+        """Threads that take the jobs, api.parallelism at a time.
 
         Daemon threads: a walk that a halt cut short while it waited for an
         HTTP answer holds back neither the run nor the process's exit, which
         would otherwise wait for that answer or api.read_timeout and its
         retries. Its page would be dropped anyway.
         """
-        waiting: queue.SimpleQueue[Account] = queue.SimpleQueue()
-        for account in found:
-            waiting.put(account)
 
-        def walk_while_any_wait() -> None:
+        def work_until_no_more() -> None:
             while not self.stop.is_set():
                 try:
-                    account = waiting.get_nowait()
+                    job = self.jobs.get(timeout=POLL_SECONDS)
                 except queue.Empty:
+                    continue
+                if job is None:
                     return
-                self._fetch(account)
+                if isinstance(job, _Discover):
+                    self._discover(job.main)
+                else:
+                    self._fetch(job)
 
-        count = max(1, min(self.config.api.parallelism, len(found)))
+        parallelism = self.config.api.parallelism
+        # How many accounts discovery adds is not known yet.
+        jobs = len(self.states) if not self.discovering else parallelism
+        self.walkers = max(1, min(parallelism, jobs))
         threads = [
-            threading.Thread(target=walk_while_any_wait, name=f"walk-{n}", daemon=True)
-            for n in range(count)
+            threading.Thread(target=work_until_no_more, name=f"walk-{n}", daemon=True)
+            for n in range(self.walkers)
         ]
         for thread in threads:
             thread.start()
         return threads
+
+    def _discover(self, main: MainAccount) -> None:
+        """List a main account's sub-accounts in a walker thread.
+
+        A failed list is kept here, not by the writer, so that a stop coming
+        right after it still reports it.
+        """
+        listed: list[Account] = []
+        try:
+            listed, error = _discover_or_recall(
+                self.client, main.user_id, self.engine, self.stop
+            )
+        except RunInterrupted:
+            return  # the run is ending and waits for nothing more
+        except Exception as exc:  # a bug must fail the list, not hang the run
+            log.exception(
+                "unexpected error listing the sub-accounts of %s", main.user_id
+            )
+            error = (
+                f"sub-account discovery failed: internal error "
+                f"({type(exc).__name__}); see the log"
+            )
+        if self.stop.is_set():
+            return  # an answer that came after a stop, like a walk's page
+        if error is not None:
+            self.list_errors[main.user_id] = error
+            # The main account's record shows it; without a walk of its
+            # own, the record of every sub-account walked in its stead.
+            carriers = [Account(main.user_id)] if main.sync_own_tasks else listed
+            self.discovery_errors.update((_key(a), error) for a in carriers)
+        self._put(_Discovered(main.user_id, listed))
 
     def _fetch(self, account: Account) -> None:
         """Walk one account in a walker thread and queue what it finds."""
@@ -544,7 +637,7 @@ class _Run:
             return _WalkEnd(account, runs.now(), False, str(exc))
         return None
 
-    def _put(self, item: PageBatch | _WalkEnd) -> None:
+    def _put(self, item: PageBatch | _WalkEnd | _Discovered) -> None:
         while True:
             try:
                 self.queue.put(item, timeout=0.5)
@@ -553,21 +646,45 @@ class _Run:
                 if self.stop.is_set():
                     return
 
-    def _write_until_done(self, walking: int) -> None:
+    def _write_until_done(self) -> None:
         # A halt ends the loop after the page being written; queued pages
         # are dropped, and their walks count as cut short.
-        while walking and not self.stop.is_set():
+        while (self.walking or self.discovering) and not self.stop.is_set():
             try:
                 item = self.queue.get(timeout=POLL_SECONDS)
             except queue.Empty:
                 continue
             if self.stop.is_set():
                 break
-            if isinstance(item, _WalkEnd):
-                self._end_walk(item)
-                walking -= 1
+            if isinstance(item, _Discovered):
+                self._add_discovered(item)
+            elif isinstance(item, _WalkEnd):
+                self._walk_ended(item)
             else:
                 self._write(item)
+
+    def _add_discovered(self, found: _Discovered) -> None:
+        new = self._new_accounts(found.accounts)
+        # Written between pages: a halt ends its wait for SQLite's write
+        # lock like theirs.
+        with store.lock_waits_end_on(self.stop):
+            runs.register_accounts(self.engine, new)
+        for account in new:
+            self._add(account)
+        self.discovering.discard(found.user_id)
+        held = self.held_ends.pop(found.user_id, None)
+        if held is not None:
+            self._walk_ended(held)
+        if not self.discovering:
+            self._no_more_jobs()
+
+    def _walk_ended(self, end: _WalkEnd) -> None:
+        if end.account.is_main and end.account.user_id in self.discovering:
+            # Its record must show whether its sub-accounts could be listed.
+            self.held_ends[end.account.user_id] = end
+            return
+        self._end_walk(end)
+        self.walking -= 1
 
     def _write(self, batch: PageBatch) -> None:
         state = self.states[batch.account]
@@ -744,51 +861,38 @@ def resolve_accounts(
     stop: threading.Event | None = None,
 ) -> tuple[list[Account], list[str]]:
     """The accounts of a run: configured ones, then discovered sub-accounts;
-    once `stop` is set, only those found by then."""
-    resolved = resolve(config, client, engine, stop)
-    return resolved.accounts, resolved.errors
-
-
-def resolve(
-    config: Config,
-    client: Client,
-    engine: Engine | None = None,
-    stop: threading.Event | None = None,
-) -> Resolved:
-    """The accounts of a run, the errors finding them, and which accounts
-    carry a failed discovery (see `Resolved`); once `stop` is set, only
-    those of the main accounts resolved by then."""
+    once `stop` is set, only those found by then. A run finds them as it
+    walks; this is for checking what a run would walk before it begins."""
     found: dict[tuple[str, str], Account] = {}
     errors: list[str] = []
-    discovery_errors: dict[tuple[str, str], str] = {}
     for main in config.accounts:
         if stop is not None and stop.is_set():
-            return Resolved(list(found.values()), errors, discovery_errors, True)
-        if main.sync_own_tasks:
-            found[(main.user_id, "")] = Account(main.user_id, "", main.name)
-        for sub in main.sub_accounts:
-            found[(main.user_id, sub)] = Account(main.user_id, sub)
+            break
+        found.update((_key(account), account) for account in _configured(main))
         if not main.discover_sub_accounts:
             continue
         try:
-            listed, error = _discover_or_recall(client, main.user_id, engine)
+            listed, error = _discover_or_recall(client, main.user_id, engine, stop)
         except RunInterrupted:
-            # Stopped in a retry's or the rate limit's wait: what was found
-            # before still belongs in the run's record.
-            return Resolved(list(found.values()), errors, discovery_errors, True)
+            break  # stopped in a retry's or the rate limit's wait
         for account in listed:
             found.setdefault(_key(account), account)
         if error is not None:
             errors.append(error)
-            # The main account's record shows it; without a walk of its
-            # own, the record of every sub-account walked in its stead.
-            carriers = [Account(main.user_id)] if main.sync_own_tasks else listed
-            discovery_errors.update((_key(account), error) for account in carriers)
-    return Resolved(list(found.values()), errors, discovery_errors)
+    return list(found.values()), errors
+
+
+def _configured(main: MainAccount) -> list[Account]:
+    """The accounts that the configuration names for a main account."""
+    own = [Account(main.user_id, "", main.name)] if main.sync_own_tasks else []
+    return own + [Account(main.user_id, sub) for sub in main.sub_accounts]
 
 
 def _discover_or_recall(
-    client: Client, user_id: str, engine: Engine | None
+    client: Client,
+    user_id: str,
+    engine: Engine | None,
+    stop: threading.Event | None = None,
 ) -> tuple[list[Account], str | None]:
     """A main account's sub-accounts from the platform, and None; when the
     list fails, those earlier runs discovered, and the error. Skipping them
@@ -798,6 +902,8 @@ def _discover_or_recall(
     except ApiError as exc:
         error = f"sub-account discovery failed: {exc}"
     log.error("%s", error)
+    if stop is not None and stop.is_set():
+        return [], error  # nothing more is read for a run that has ended
     known = runs.known_sub_accounts(engine, user_id) if engine is not None else []
     if known:
         log.warning(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -467,12 +468,12 @@ def test_odd_sub_accounts_are_cleaned_or_skipped_never_a_failed_run(
     assert names == {"": "", "s1": "销售一部", "s2": "ab\ufffd"}
 
 
-def discovering(platform: Platform, *user_ids: str) -> Config:
+def discovering(platform: Platform, *user_ids: str, **api: Any) -> Config:
     """Main accounts that discover their sub-accounts, none listed."""
     for user_id in user_ids:
         platform.serve_pages(f"{user_id}/subset_users", envelope([]))
         platform.serve_pages(user_id, envelope([], meta(0, 1)))
-    config = make_config(platform.url, ())
+    config = make_config(platform.url, (), **api)
     mains = [MainAccount(user_id=u, discover_sub_accounts=True) for u in user_ids]
     return Config(database=config.database, api=config.api, accounts=tuple(mains))
 
@@ -493,35 +494,86 @@ def stopping(stop: threading.Event, reply: Reply) -> Callable[[Asked], Reply]:
     return answer
 
 
+ONE_PAGE = Reply(body=envelope(tasks(1, 3), meta(3, 1)))
+# How long the sub-account list below takes to answer: a walk waiting for
+# it would begin that much later.
+LIST_DELAY = 2.0
+
+
+def test_a_main_account_is_walked_while_its_sub_accounts_are_listed(
+    platform: Platform, engine: Engine
+) -> None:
+    asked_at: dict[str, float] = {}
+
+    def noting(reply: Reply) -> Callable[[Asked], Reply]:
+        def answer(asked: Asked) -> Reply:
+            asked_at[asked.script] = time.monotonic()
+            return reply
+
+        return answer
+
+    config = discovering(platform, "u1", parallelism=2)
+    platform.respond("u1", noting(ONE_PAGE))
+    listed = Reply(body=envelope([]), delay=LIST_DELAY)
+    platform.respond("u1/subset_users", noting(listed))
+
+    summary = run_sync(config, engine=engine)
+
+    assert (summary.outcome, summary.counts.new) == ("succeeded", 3)
+    assert asked_at["u1"] - asked_at["u1/subset_users"] < LIST_DELAY
+
+
+def test_a_failed_list_shows_on_the_main_account_walked_before_it_failed(
+    platform: Platform, engine: Engine
+) -> None:
+    config = discovering(platform, "u1", parallelism=2)
+    platform.script("u1", ONE_PAGE)
+    # The walk's end reaches the writer long before the list fails.
+    failed = Reply(404, b'{"code":404,"status":"error"}', delay=LIST_DELAY)
+    platform.script("u1/subset_users", failed)
+
+    summary = run_sync(config, engine=engine)
+
+    assert (summary.outcome, summary.counts.new) == ("partial", 3)
+    (error,) = summary.errors
+    assert error.startswith("sub-account discovery failed: account u1, endpoint ")
+    with engine.connect() as connection:
+        recorded = connection.execute(
+            select(accounts.c.last_error).where(accounts.c.user_id == "u1")
+        ).scalar_one()
+    assert recorded == error
+
+
 def test_a_stop_during_discovery_lists_no_further_main_account(
     platform: Platform, engine: Engine
 ) -> None:
     stop = threading.Event()
-    config = discovering(platform, "u1", "u2", "u3")
+    # One walker asks for every list, one after the other, before any walk.
+    config = discovering(platform, "u1", "u2", "u3", parallelism=1)
     platform.respond("u1/subset_users", stopping(stop, FAILED_LIST))
 
     with Client(config.api) as client:
         summary = run_sync(config, engine=engine, client=client, stop=stop)
 
-    assert (summary.outcome, summary.accounts) == ("stopped", 0)
+    # The three main accounts were the run's; none was walked.
+    assert (summary.outcome, summary.accounts) == ("stopped", 3)
     assert [asked.script for asked in platform.asked] == ["u1/subset_users"]
-    # What went wrong before the stop is kept.
-    (error,) = summary.errors
-    assert error.startswith("sub-account discovery failed: account u1, endpoint ")
+    # Its answer, which came after the stop, was not waited for.
+    assert summary.errors == ()
 
 
 def test_a_stop_in_a_wait_during_discovery_keeps_what_went_wrong_before(
     platform: Platform, engine: Engine
 ) -> None:
     stop = threading.Event()
-    config = discovering(platform, "u1", "u2", "u3")
+    config = discovering(platform, "u1", "u2", "u3", parallelism=1)
     platform.respond("u1/subset_users", stopping(threading.Event(), FAILED_LIST))
     platform.respond("u2/subset_users", stopping(stop, THROTTLED_LIST))
 
     # The run's own client, whose waits a stop cuts short.
     summary = run_sync(config, engine=engine, stop=stop)
 
-    assert (summary.outcome, summary.accounts) == ("stopped", 0)
+    assert (summary.outcome, summary.accounts) == ("stopped", 3)
     scripts = [asked.script for asked in platform.asked]
     assert scripts == ["u1/subset_users", "u2/subset_users"]
     (error,) = summary.errors

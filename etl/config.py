@@ -218,6 +218,7 @@ def parse(
         raise ConfigError(
             "at least one [[accounts]] entry is required", key="accounts", path=path
         )
+    _check_one_entry_each(accounts, path)
     if tokens:
         _check_tokens(api, accounts, path)
     return Config(
@@ -607,6 +608,21 @@ def _read_token(
             "outside ASCII, which no HTTP header can carry (its value is not shown)",
         )
     return token
+
+
+def _check_one_entry_each(accounts: tuple[MainAccount, ...], path: str) -> None:
+    # Two entries would read the account's list of sub-accounts twice, and
+    # disagree on its token or whether its own tasks are synced.
+    first: dict[str, int] = {}
+    for index, account in enumerate(accounts):
+        earlier = first.setdefault(account.user_id, index)
+        if earlier != index:
+            raise ConfigError(
+                f"user_id {account.user_id} is also in accounts[{earlier}]: give "
+                "each main account one entry",
+                key=f"accounts[{index}].user_id",
+                path=path,
+            )
 
 
 def _check_tokens(api: ApiConfig, accounts: tuple[MainAccount, ...], path: str) -> None:

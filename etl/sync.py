@@ -265,10 +265,10 @@ class _Run:
         self.jobs: queue.SimpleQueue[_Discover | Account | None] = queue.SimpleQueue()
         self.walkers = 0
         # Kept by the writer: walks not ended, main accounts whose discovery
-        # it has not had yet, and the end of any of their walks until then.
+        # it has not had yet, and the ends of walks held until it has.
         self.walking = 0
-        self.discovering: set[str] = set()
-        self.held_ends: dict[str, _WalkEnd] = {}
+        self.discovering: dict[str, MainAccount] = {}
+        self.held_ends: dict[str, list[_WalkEnd]] = {}
         # Set to end the walks: by a stop request, the deadline, or an error.
         self.stop = halt or threading.Event()
         self.halted_by: str | None = None
@@ -423,7 +423,7 @@ class _Run:
     def _errors(self) -> list[str]:
         """The run's errors: failed lists of sub-accounts first, as when
         every list was read before any walk, whatever order they failed in."""
-        mains = [main.user_id for main in self.config.accounts]
+        mains = dict.fromkeys(main.user_id for main in self.config.accounts)
         lists = [self.list_errors[m] for m in mains if m in self.list_errors]
         return lists + self.errors
 
@@ -465,8 +465,9 @@ class _Run:
         )
         runs.register_accounts(self.engine, configured)
         for main in self.config.accounts:
-            if main.discover_sub_accounts:
-                self.discovering.add(main.user_id)
+            # Once for each main account, should a Config name one twice.
+            if main.discover_sub_accounts and main.user_id not in self.discovering:
+                self.discovering[main.user_id] = main
                 self.jobs.put(_Discover(main))
         for account in configured:
             self._add(account)
@@ -671,17 +672,19 @@ class _Run:
             runs.register_accounts(self.engine, new)
         for account in new:
             self._add(account)
-        self.discovering.discard(found.user_id)
-        held = self.held_ends.pop(found.user_id, None)
-        if held is not None:
+        del self.discovering[found.user_id]
+        for held in self.held_ends.pop(found.user_id, []):
             self._walk_ended(held)
         if not self.discovering:
             self._no_more_jobs()
 
     def _walk_ended(self, end: _WalkEnd) -> None:
-        if end.account.is_main and end.account.user_id in self.discovering:
-            # Its record must show whether its sub-accounts could be listed.
-            self.held_ends[end.account.user_id] = end
+        main = self.discovering.get(end.account.user_id)
+        if main is not None and end.account.is_main == main.sync_own_tasks:
+            # A record that would carry a failed list of its main account's
+            # sub-accounts (see `_discover`) waits for the list; and so does
+            # the release of the account's lock.
+            self.held_ends.setdefault(main.user_id, []).append(end)
             return
         self._end_walk(end)
         self.walking -= 1

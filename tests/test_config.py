@@ -258,6 +258,12 @@ def test_tokens_are_not_in_the_repr(tmp_path: Path) -> None:
             "accounts[0].sync_own_tasks: expected true or false",
         ),
         (MINIMAL.split("[[accounts]]")[0], "accounts: at least one"),
+        (
+            MINIMAL
+            + '[[accounts]]\nuser_id = "main-2"\n[[accounts]]\nuser_id = "main-1"\n',
+            "accounts[2].user_id: user_id main-1 is also in accounts[0]: give each"
+            " main account one entry",
+        ),
         (MINIMAL.replace('token = "file-token"', ""), "accounts[0].token: no token"),
         (
             MINIMAL + '[api.endpoints]\ntask_list = "/tasks"\n',
@@ -290,6 +296,7 @@ def test_tokens_are_not_in_the_repr(tmp_path: Path) -> None:
         "bad-sub-accounts",
         "bool-as-string",
         "no-accounts",
+        "main-account-twice",
         "no-token",
         "bad-endpoint",
         "unknown-table",

@@ -8,6 +8,7 @@ the endpoint and the page, and fails that account only.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sqlite3
 import threading
@@ -542,6 +543,45 @@ def test_a_failed_list_shows_on_the_main_account_walked_before_it_failed(
             select(accounts.c.last_error).where(accounts.c.user_id == "u1")
         ).scalar_one()
     assert recorded == error
+
+
+def test_a_failed_list_shows_on_the_sub_accounts_walked_before_it_failed(
+    platform: Platform, engine: Engine
+) -> None:
+    # Without a walk of its own, the main account's failed list shows on the
+    # sub-accounts that earlier runs found: here one configured since, whose
+    # walk ends first.
+    base = make_config(platform.url, (), parallelism=2)
+    main = MainAccount(user_id="u1", sync_own_tasks=False, discover_sub_accounts=True)
+    platform.script("u1", ONE_PAGE)
+    platform.script("u1/subset_users", Reply(body=envelope([{"id": "s1"}])))
+    run_sync(Config(base.database, base.api, (main,)), engine=engine)
+    failed = Reply(404, b'{"code":404,"status":"error"}', delay=LIST_DELAY)
+    platform.script("u1/subset_users", failed)
+    main = dataclasses.replace(main, sub_accounts=("s1",))
+
+    summary = run_sync(Config(base.database, base.api, (main,)), engine=engine)
+
+    (error,) = summary.errors
+    assert error.startswith("sub-account discovery failed: account u1, endpoint ")
+    with engine.connect() as connection:
+        recorded = connection.execute(
+            select(accounts.c.last_error).where(accounts.c.sub_user_id == "s1")
+        ).scalar_one()
+    assert recorded == error
+
+
+def test_a_main_account_named_twice_is_listed_once(
+    platform: Platform, engine: Engine
+) -> None:
+    # The configuration file refuses it; a Config built in code may not.
+    config = discovering(platform, "u1", "u1", parallelism=2)
+
+    summary = run_sync(config, engine=engine)
+
+    assert (summary.outcome, summary.accounts) == ("succeeded", 1)
+    scripts = [asked.script for asked in platform.asked]
+    assert sorted(scripts) == ["u1", "u1/subset_users"]
 
 
 def test_a_stop_during_discovery_lists_no_further_main_account(

@@ -44,7 +44,7 @@ from sqlalchemy import Engine
 from etl import store
 from etl.config import Config, ScheduleConfig
 from etl.errors import EtlError
-from etl.sync import run_sync
+from etl.sync import leave_signals_to_the_main_thread, run_sync
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +350,8 @@ class Daemon:
         return self._wait_for_run()
 
     def _run_once(self) -> None:
+        # In the scheduler's worker thread, which starts the run's threads.
+        leave_signals_to_the_main_thread()
         self._idle.clear()
         try:
             if self.stop.is_set():
@@ -410,6 +412,7 @@ class Daemon:
             )
 
     def _stop_when_asked(self) -> None:
+        leave_signals_to_the_main_thread()
         self.stop.wait()
         self._shutdown()
 
@@ -479,6 +482,7 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
 
 
 def _ask_to_stop(stop: threading.Event, name: str) -> None:
+    leave_signals_to_the_main_thread()
     log.info(
         "%s received: stopping after the page being written (a second one exits "
         "at once)",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import signal
 import sys
 import threading
 import time
@@ -214,6 +215,19 @@ class _SwitchInterval:
 SWITCH_INTERVAL = _SwitchInterval(0.0005)
 
 
+def leave_signals_to_the_main_thread() -> None:
+    """Block SIGTERM and SIGINT in this thread and the threads it starts.
+
+    Python runs a signal's handler in the main thread only. A signal that
+    the kernel gave to another thread waited until the main thread woke on
+    its own: a daemon waiting for its run to end answered a second SIGTERM
+    only after half a minute. Blocked in every other thread, a signal goes
+    to the main thread and ends its wait at once.
+    """
+    if hasattr(signal, "pthread_sigmask"):  # not on Windows
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+
+
 def make_client(config: Config, sleep: Callable[[float], None] = time.sleep) -> Client:
     tokens = {account.user_id: account.token for account in config.accounts}
     return Client(config.api, {k: v for k, v in tokens.items() if v}, sleep=sleep)
@@ -361,6 +375,7 @@ class _Run:
             self.stop.set()
 
         def watch() -> None:
+            leave_signals_to_the_main_thread()
             while not self.stop.wait(POLL_SECONDS):
                 if stop is not None and stop.is_set():
                     self.halted_by = "stopped"
@@ -524,6 +539,7 @@ class _Run:
         """
 
         def work_until_no_more() -> None:
+            leave_signals_to_the_main_thread()
             while not self.stop.is_set():
                 try:
                     job = self.jobs.get(timeout=POLL_SECONDS)

@@ -249,6 +249,48 @@ def test_a_stopped_sync_exits_without_waiting_for_answers_in_flight(
     assert "Traceback" not in run_process.log
 
 
+# SIGTERM and SIGINT as bits of a /proc signal mask.
+TERM_AND_INT = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))
+
+
+def blocked_signals(pid: int) -> dict[int, int]:
+    """Each thread of a process, and the signals it blocks (Linux's /proc)."""
+    masks = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("SigBlk:"):
+                masks[int(task.name)] = int(line.split()[1], 16)
+    return masks
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_signals_go_to_the_daemons_main_thread(
+    tmp_path: Path,
+    server: SimServer,
+    simulator: Simulator,
+    db_url: str,
+    engine: Engine,  # the migrated database
+    started: Callable[..., Daemon],
+) -> None:
+    # Python answers a signal in the main thread only: one the kernel gave to
+    # another thread waited for the main thread to wake by itself, which a
+    # daemon waiting for its run to end did after half a minute.
+    add_tasks(simulator, 16)
+    simulator.delay = 0.5
+    daemon = started(write_config(tmp_path, server, simulator, db_url))
+    pid = daemon.process.pid
+    # The main thread, the stop watcher, the scheduler's worker, the run's
+    # watcher and lock heartbeat, and a walker at least.
+    wait_until(lambda: len(blocked_signals(pid)) >= 6, "a run's walks started")
+
+    masks = blocked_signals(pid)
+
+    assert masks.pop(pid) & TERM_AND_INT == 0
+    assert {tid: mask & TERM_AND_INT for tid, mask in masks.items()} == dict.fromkeys(
+        masks, TERM_AND_INT
+    )
+
+
 def test_a_second_signal_exits_at_once_and_the_next_run_cleans_up(
     tmp_path: Path,
     server: SimServer,

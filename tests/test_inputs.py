@@ -496,9 +496,21 @@ def stopping(stop: threading.Event, reply: Reply) -> Callable[[Asked], Reply]:
 
 
 ONE_PAGE = Reply(body=envelope(tasks(1, 3), meta(3, 1)))
-# How long the sub-account list below takes to answer: a walk waiting for
-# it would begin that much later.
+# How long the sub-account lists below take to answer: a walk waiting for
+# one would begin that much later.
 LIST_DELAY = 2.0
+# A list that fails once the walks beside it have long ended.
+LATE_FAILED_LIST = Reply(404, b'{"code":404,"status":"error"}', delay=LIST_DELAY)
+
+
+def last_error(engine: Engine, user_id: str, sub_user_id: str = "") -> str | None:
+    """The error an account's record shows."""
+    query = select(accounts.c.last_error).where(
+        accounts.c.user_id == user_id, accounts.c.sub_user_id == sub_user_id
+    )
+    with engine.connect() as connection:
+        error: str | None = connection.execute(query).scalar_one()
+    return error
 
 
 def test_a_main_account_is_walked_while_its_sub_accounts_are_listed(
@@ -529,20 +541,14 @@ def test_a_failed_list_shows_on_the_main_account_walked_before_it_failed(
 ) -> None:
     config = discovering(platform, "u1", parallelism=2)
     platform.script("u1", ONE_PAGE)
-    # The walk's end reaches the writer long before the list fails.
-    failed = Reply(404, b'{"code":404,"status":"error"}', delay=LIST_DELAY)
-    platform.script("u1/subset_users", failed)
+    platform.script("u1/subset_users", LATE_FAILED_LIST)
 
     summary = run_sync(config, engine=engine)
 
     assert (summary.outcome, summary.counts.new) == ("partial", 3)
     (error,) = summary.errors
     assert error.startswith("sub-account discovery failed: account u1, endpoint ")
-    with engine.connect() as connection:
-        recorded = connection.execute(
-            select(accounts.c.last_error).where(accounts.c.user_id == "u1")
-        ).scalar_one()
-    assert recorded == error
+    assert last_error(engine, "u1") == error
 
 
 def test_a_failed_list_shows_on_the_sub_accounts_walked_before_it_failed(
@@ -556,19 +562,14 @@ def test_a_failed_list_shows_on_the_sub_accounts_walked_before_it_failed(
     platform.script("u1", ONE_PAGE)
     platform.script("u1/subset_users", Reply(body=envelope([{"id": "s1"}])))
     run_sync(Config(base.database, base.api, (main,)), engine=engine)
-    failed = Reply(404, b'{"code":404,"status":"error"}', delay=LIST_DELAY)
-    platform.script("u1/subset_users", failed)
+    platform.script("u1/subset_users", LATE_FAILED_LIST)
     main = dataclasses.replace(main, sub_accounts=("s1",))
 
     summary = run_sync(Config(base.database, base.api, (main,)), engine=engine)
 
     (error,) = summary.errors
     assert error.startswith("sub-account discovery failed: account u1, endpoint ")
-    with engine.connect() as connection:
-        recorded = connection.execute(
-            select(accounts.c.last_error).where(accounts.c.sub_user_id == "s1")
-        ).scalar_one()
-    assert recorded == error
+    assert last_error(engine, "u1", "s1") == error
 
 
 def test_a_main_account_named_twice_is_listed_once(

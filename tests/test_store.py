@@ -4,7 +4,7 @@ from unittest import mock
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, select, text, update
 from synced import history
 
 from etl import runs, store
@@ -272,6 +272,74 @@ def test_a_writer_adds_its_pages_to_its_run_at_most_every_second(
 
     # The first page at once; the second waits; the third brings both.
     assert saved == [(1, 3, 3), (1, 3, 3), (3, 9, 9)]
+
+
+def test_pages_written_together_store_what_each_would_alone(engine: Engine) -> None:
+    write(engine, [item("a"), item("b")])
+    run_id = runs.start_run(engine, "sync")
+    later = T0 + timedelta(hours=1)
+    pages = [
+        batch([item("a"), item("b", 1)], later, number=1),
+        batch([item("c", group={"id": 2, "name": "新组"})], later, number=2),
+        batch([item("d", 3)], later + timedelta(seconds=1), number=3),
+    ]
+
+    with store.PageWriter(engine) as writer:
+        counts = writer.write_together(run_id, [(page, T0) for page in pages])
+
+    summary = [(c.seen, c.new, c.changed, c.status_changes) for c in counts]
+    assert summary == [(2, 0, 1, 1), (1, 1, 0, 1), (1, 1, 0, 1)]
+    assert history(engine, "b") == [("first_seen", None, 2), ("changed", 2, 1)]
+    assert task_row(engine, "b").status_seen_at == later
+    assert task_row(engine, "d").first_seen_at == later + timedelta(seconds=1)
+    with engine.connect() as connection:
+        names = dict(connection.execute(select(groups.c.id, groups.c.name)).all())
+        run = connection.execute(
+            select(sync_runs).where(sync_runs.c.id == run_id)
+        ).one()
+    assert names == {"1": "话术组1", "2": "新组"}
+    assert (run.pages, run.tasks_seen, run.tasks_new, run.tasks_changed) == (3, 4, 2, 1)
+
+
+# Refuses to store task "bad", as a full disk or a constraint would.
+REFUSE_BAD = {
+    "sqlite": [
+        "CREATE TRIGGER refuse_bad BEFORE INSERT ON tasks WHEN NEW.uuid = 'bad' "
+        "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse_bad() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'disk full'; END $$",
+        "CREATE TRIGGER refuse_bad BEFORE INSERT ON tasks FOR EACH ROW "
+        "WHEN (NEW.uuid = 'bad') EXECUTE FUNCTION refuse_bad()",
+    ],
+}
+
+
+def test_pages_written_together_are_all_written_or_none(engine: Engine) -> None:
+    with engine.begin() as connection:
+        for statement in REFUSE_BAD[engine.dialect.name]:
+            connection.execute(text(statement))
+    run_id = runs.start_run(engine, "sync")
+    good = batch([item("a")], number=1)
+    refused = batch([item("b"), item("bad")], number=2)
+
+    with store.PageWriter(engine) as writer:
+        with pytest.raises(store.StoreError) as failed:
+            writer.write_together(run_id, [(good, None), (refused, None)])
+        stored_after_failure = stored_uuids(engine)
+        writer.write(run_id, good, None)
+
+    assert str(failed.value).startswith("2 pages written together were not written: ")
+    assert "disk full" in str(failed.value) and "\n" not in str(failed.value)
+    assert stored_after_failure == set()
+    # The writer goes on with the next page, on a connection of its own.
+    assert stored_uuids(engine) == {"a"}
+
+
+def stored_uuids(engine: Engine) -> set[str]:
+    with engine.connect() as connection:
+        return set(connection.execute(select(tasks.c.uuid)).scalars())
 
 
 def test_a_removal_read_before_another_writer_moved_the_task_removes_nothing(

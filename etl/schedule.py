@@ -8,7 +8,7 @@ grace, or merged by coalescing after the daemon was suspended) is logged as
 a WARNING here, in the product's words.
 
 Each run gets `schedule.deadline` and the daemon's stop event: a run past
-its deadline ends after the page being written and is recorded as failed,
+its deadline ends after the pages being written and is recorded as failed,
 so no run can hold the schedule up for long.
 """
 
@@ -484,7 +484,7 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
 def _ask_to_stop(stop: threading.Event, name: str) -> None:
     leave_signals_to_the_main_thread()
     log.info(
-        "%s received: stopping after the page being written (a second one exits "
+        "%s received: stopping after the pages being written (a second one exits "
         "at once)",
         name,
     )

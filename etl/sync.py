@@ -53,6 +53,8 @@ EXIT_CODES = {
 EXIT_SKIPPED = 4
 # How often the writer and the stop watcher look up from waiting.
 POLL_SECONDS = 0.1
+# Pages queued together that the writer stores in one transaction at most.
+PAGES_PER_TRANSACTION = 16
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ def run_sync(
 ) -> RunSummary:
     """One run over the configured accounts (or those named in `only`).
 
-    Setting `stop` ends the run after the page being written, recorded as
+    Setting `stop` ends the run after the pages being written, recorded as
     "stopped"; a run still going `deadline` seconds after it began ends the
     same way, recorded as "failed". Walks stop between pages and in retry
     sleeps; an HTTP read in flight is bounded by `api.read_timeout`.
@@ -294,6 +296,9 @@ class _Run:
         self.queue: queue.Queue[PageBatch | _WalkEnd | _Discovered] = queue.Queue(
             maxsize=2 * config.api.parallelism
         )
+        # An item taken from the queue but not yet handled (see
+        # `_pages_together`).
+        self.put_back: PageBatch | _WalkEnd | _Discovered | None = None
 
     def execute(
         self,
@@ -379,7 +384,7 @@ class _Run:
             while not self.stop.wait(POLL_SECONDS):
                 if stop is not None and stop.is_set():
                     self.halted_by = "stopped"
-                    log.info("run %s: stopping after the page being written", run_id)
+                    log.info("run %s: stopping after the pages being written", run_id)
                 elif time.monotonic() >= ends:
                     self.halted_by = "deadline"
                 else:
@@ -664,12 +669,11 @@ class _Run:
                     return
 
     def _write_until_done(self) -> None:
-        # A halt ends the loop after the page being written; queued pages
+        # A halt ends the loop after the pages being written; queued pages
         # are dropped, and their walks count as cut short.
         while (self.walking or self.discovering) and not self.stop.is_set():
-            try:
-                item = self.queue.get(timeout=POLL_SECONDS)
-            except queue.Empty:
+            item = self._next_item()
+            if item is None:
                 continue
             if self.stop.is_set():
                 break
@@ -678,7 +682,44 @@ class _Run:
             elif isinstance(item, _WalkEnd):
                 self._walk_ended(item)
             else:
-                self._write(item)
+                self._write(self._pages_together(item))
+
+    def _next_item(self) -> PageBatch | _WalkEnd | _Discovered | None:
+        """The item put back by `_pages_together`, or the next one queued;
+        None after `POLL_SECONDS` without one."""
+        if self.put_back is not None:
+            item, self.put_back = self.put_back, None
+            return item
+        try:
+            return self.queue.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            return None
+
+    def _pages_together(self, first: PageBatch) -> list[PageBatch]:
+        """The page with the pages queued right behind it, to be written in
+        one transaction.
+
+        Each statement of a page is one more wait for Python's lock, which
+        the database driver gives up while the database works, and a
+        fetching thread then holds: in a re-sync, where the writer sets the
+        pace, those waits were most of its time. A page sharing a task with
+        the ones taken, or any other item, ends them and is put back.
+        """
+        pages = [first]
+        uuids = {record.uuid for record in first.records}
+        while len(pages) < PAGES_PER_TRANSACTION:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if not isinstance(item, PageBatch) or not uuids.isdisjoint(
+                record.uuid for record in item.records
+            ):
+                self.put_back = item
+                break
+            pages.append(item)
+            uuids.update(record.uuid for record in item.records)
+        return pages
 
     def _add_discovered(self, found: _Discovered) -> None:
         new = self._new_accounts(found.accounts)
@@ -705,34 +746,72 @@ class _Run:
         self._end_walk(end)
         self.walking -= 1
 
-    def _write(self, batch: PageBatch) -> None:
+    def _write(self, pages: list[PageBatch]) -> None:
+        # A halt drops the pages while they wait for SQLite's write lock,
+        # held by another process, instead of writing them after the stop.
+        with store.lock_waits_end_on(self.stop):
+            ready = [batch for batch in pages if self._is_ready(batch)]
+            if len(ready) > 1 and self._write_together(ready):
+                return
+            for batch in ready:
+                self._write_one(batch)
+
+    def _is_ready(self, batch: PageBatch) -> bool:
+        """Whether the page can be written: its account has not failed, and
+        this run still holds the account's lock."""
+        state = self.states[batch.account]
+        if state.failed:
+            return False
+        if state.started is None:
+            state.previous_complete = runs.previous_complete(self.engine, batch.account)
+            state.started = batch.fetched_at
+        assert self.locks is not None, "locks are taken inside locks.hold()"
+        try:
+            self.locks.confirm(batch.account)
+        except RunInterrupted:
+            raise  # not the account's fault: the run ends as cut short
+        except EtlError as exc:
+            self._fail(batch.account, str(exc))
+            return False
+        return True
+
+    def _write_together(self, pages: list[PageBatch]) -> bool:
+        """Write the pages in one transaction; False if it failed."""
+        try:
+            counts = self.writer.write_together(
+                self.run_id,
+                [(b, self.states[b.account].previous_complete) for b in pages],
+            )
+        except StoreError as exc:
+            # One page's error must fail its own account only, named with
+            # its page: each is written again on its own.
+            log.debug("%s; writing them one at a time", exc)
+            return False
+        for batch, page_counts in zip(pages, counts, strict=True):
+            self._count(batch, page_counts)
+        return True
+
+    def _write_one(self, batch: PageBatch) -> None:
         state = self.states[batch.account]
         if state.failed:
             return
         try:
-            # A halt drops the page while it waits for SQLite's write lock,
-            # held by another process, instead of writing it after the stop.
-            with store.lock_waits_end_on(self.stop):
-                counts = self._store(batch, state)
+            counts = self.writer.write(self.run_id, batch, state.previous_complete)
         except RunInterrupted:
             raise  # not the account's fault: the run ends as cut short
         except EtlError as exc:
             self._fail(batch.account, str(exc))
             return
+        self._count(batch, counts)
+
+    def _count(self, batch: PageBatch, counts: PageCounts) -> None:
+        state = self.states[batch.account]
         state.pages += 1
         state.tasks_seen += len(batch.records)
         state.seen.update(record.uuid for record in batch.records)
         self.counts.add(counts)
         self.pages += 1
         self._report_progress()
-
-    def _store(self, batch: PageBatch, state: _AccountState) -> PageCounts:
-        if state.started is None:
-            state.previous_complete = runs.previous_complete(self.engine, batch.account)
-            state.started = batch.fetched_at
-        assert self.locks is not None, "locks are taken inside locks.hold()"
-        self.locks.confirm(batch.account)
-        return self.writer.write(self.run_id, batch, state.previous_complete)
 
     def _end_walk(self, end: _WalkEnd) -> None:
         state = self.states[end.account]

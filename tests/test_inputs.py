@@ -30,7 +30,7 @@ from scripted import (
     task,
     tasks,
 )
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, event, select, text
 from synced import history
 
 from etl import store
@@ -888,6 +888,114 @@ def test_a_sqlite_file_locked_past_the_busy_timeout_is_one_clear_error(
     assert "Traceback" not in result.output
     last = result.stderr.splitlines()[-1]
     assert last.startswith("Error: ") and last.endswith(": database is locked")
+
+
+def sync_with_writer_held(platform: Platform, engine: Engine) -> RunSummary:
+    """A run of u1 then u2, whose writer waits after the first page it writes
+    until page 4 is asked for: pages 2 and 3 are then queued behind it (room
+    for two pages with one walk at a time), and written together."""
+    config = make_config(platform.url, ("u1", "u2"), page_size=3, parallelism=1)
+    client = Client(config.api, sleep=lambda _: None, limiter=RateLimiter(10_000))
+    held = []
+
+    def hold_the_writer(progress: Any) -> None:
+        deadline = time.monotonic() + 10
+        while len(platform.asked) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        held.append(len(platform.asked) >= 4)
+
+    with client:
+        summary = run_sync(
+            config, engine=engine, client=client, progress=hold_the_writer
+        )
+    assert held[0], "the walk never asked for page 4"
+    return summary
+
+
+def page_commits(engine: Engine) -> list[int]:
+    """Filled with one entry per committed transaction that wrote tasks."""
+    commits: list[int] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def note(connection: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("INSERT INTO tasks"):
+            connection.info["writes_tasks"] = True
+
+    @event.listens_for(engine, "commit")
+    def count(connection: Any) -> None:
+        if connection.info.pop("writes_tasks", False):
+            commits.append(1)
+
+    return commits
+
+
+def test_pages_queued_behind_the_writer_are_written_together(
+    platform: Platform, engine: Engine
+) -> None:
+    platform.serve_pages("u1", *pages_of(tasks(1, 12), total=12))
+    platform.serve_pages("u2", *pages_of(tasks(101, 112), total=12))
+    commits = page_commits(engine)
+
+    summary = sync_with_writer_held(platform, engine)
+
+    assert (summary.outcome, summary.pages, summary.counts.new) == ("succeeded", 8, 24)
+    assert listed(engine) == uuids(1, 12) | uuids(101, 112)
+    # Page 1 alone; pages 2 and 3 (at least) together.
+    assert 1 < len(commits) < 8
+
+
+def test_a_page_that_cannot_be_written_with_others_fails_its_account_only(
+    platform: Platform, engine: Engine
+) -> None:
+    platform.serve_pages("u1", *pages_of(tasks(1, 12), total=12))
+    platform.serve_pages("u2", *pages_of(tasks(101, 112), total=12))
+    with engine.begin() as connection:
+        for statement in REFUSE_TASK_7[engine.dialect.name]:
+            connection.execute(text(statement))
+
+    summary = sync_with_writer_held(platform, engine)
+
+    assert (summary.outcome, summary.accounts_failed) == ("partial", 1)
+    (error,) = summary.errors
+    assert_clear_error(error, "u1", 3)
+    assert "the page was not written" in error and "disk full" in error
+    # The pages before it are stored, the walk stopped there, and u2 is whole.
+    assert listed(engine) == uuids(1, 6) | uuids(101, 112)
+    assert last_error(engine, "u1") == error
+    assert account_row(engine, "u2").last_outcome == "succeeded"
+
+
+def test_pages_that_share_a_task_are_written_one_after_the_other(
+    platform: Platform, engine: Engine
+) -> None:
+    # The list shifted between pages 2 and 3, and task 6 was paused meanwhile.
+    paused = task(6, status=1, status_str="暂停中")
+    pages = [tasks(1, 3), tasks(4, 6), [paused, task(7), task(8)], tasks(9, 11)]
+    platform.serve_pages(
+        "u1", *(envelope(page, meta(12, 4, "3", n)) for n, page in enumerate(pages, 1))
+    )
+    platform.serve_pages("u2", envelope(tasks(101, 103)))
+
+    sync_with_writer_held(platform, engine)
+
+    assert history(engine, "task-6") == [("first_seen", None, 2), ("changed", 2, 1)]
+    assert stored(engine)["task-6"].status == 1
+    assert listed(engine) == uuids(1, 11) | uuids(101, 103)
+
+
+# A store failure that only task-7, on u1's third page of three tasks, meets.
+REFUSE_TASK_7 = {
+    "sqlite": [
+        "CREATE TRIGGER refuse_task_7 BEFORE INSERT ON tasks "
+        "WHEN NEW.uuid = 'task-7' BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse_task_7() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'disk full'; END $$",
+        "CREATE TRIGGER refuse_task_7 BEFORE INSERT ON tasks FOR EACH ROW "
+        "WHEN (NEW.uuid = 'task-7') EXECUTE FUNCTION refuse_task_7()",
+    ],
+}
 
 
 def test_a_list_that_shifts_during_a_walk_has_no_live_task_removed(

@@ -36,6 +36,7 @@ from etl.accounts import Account
 from etl.config import LocksConfig
 from etl.errors import LockBusyError, LockLostError, StoreError
 from etl.models import account_locks
+from etl.threads import leave_signals_to_the_main_thread
 
 log = logging.getLogger(__name__)
 
@@ -431,6 +432,9 @@ class Heartbeat:
         self._thread.join(timeout=self._every + 5)
 
     def _beat(self) -> None:
+        # In a one-off command the main thread starts it, and that thread
+        # does not block the signals for it to inherit.
+        leave_signals_to_the_main_thread()
         while not self._done.wait(self._every):
             try:
                 runs.beat(self._engine, self._run_id)

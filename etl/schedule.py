@@ -44,7 +44,8 @@ from sqlalchemy import Engine
 from etl import store
 from etl.config import Config, ScheduleConfig
 from etl.errors import EtlError
-from etl.sync import leave_signals_to_the_main_thread, run_sync
+from etl.sync import run_sync
+from etl.threads import leave_signals_to_the_main_thread
 
 log = logging.getLogger(__name__)
 

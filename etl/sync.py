@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import signal
 import sys
 import threading
 import time
@@ -38,6 +37,7 @@ from etl.errors import (
 )
 from etl.parse import RejectedItem, clean, identify_task, to_text
 from etl.store import PageBatch, PageCounts, Reject
+from etl.threads import leave_signals_to_the_main_thread
 
 log = logging.getLogger(__name__)
 
@@ -215,19 +215,6 @@ class _SwitchInterval:
 
 
 SWITCH_INTERVAL = _SwitchInterval(0.0005)
-
-
-def leave_signals_to_the_main_thread() -> None:
-    """Block SIGTERM and SIGINT in this thread and the threads it starts.
-
-    Python runs a signal's handler in the main thread only. A signal that
-    the kernel gave to another thread waited until the main thread woke on
-    its own: a daemon waiting for its run to end answered a second SIGTERM
-    only after half a minute. Blocked in every other thread, a signal goes
-    to the main thread and ends its wait at once.
-    """
-    if hasattr(signal, "pthread_sigmask"):  # not on Windows
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 
 
 def make_client(config: Config, sleep: Callable[[float], None] = time.sleep) -> Client:

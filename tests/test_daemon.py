@@ -263,25 +263,31 @@ def blocked_signals(pid: int) -> dict[int, int]:
     return masks
 
 
+# The main thread, and a walker at least with the run's watcher and lock
+# heartbeat; in a daemon, the stop watcher and the scheduler's worker too.
+THREADS_OF_A_RUN = {"daemon": 6, "sync": 4}
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_signals_go_to_the_daemons_main_thread(
+@pytest.mark.parametrize("command", ["daemon", "sync"])
+def test_signals_go_to_the_main_thread(
     tmp_path: Path,
     server: SimServer,
     simulator: Simulator,
     db_url: str,
     engine: Engine,  # the migrated database
     started: Callable[..., Daemon],
+    command: str,
 ) -> None:
     # Python answers a signal in the main thread only: one the kernel gave to
     # another thread waited for the main thread to wake by itself, which a
     # daemon waiting for its run to end did after half a minute.
     add_tasks(simulator, 16)
     simulator.delay = 0.5
-    daemon = started(write_config(tmp_path, server, simulator, db_url))
+    daemon = started(write_config(tmp_path, server, simulator, db_url), command)
     pid = daemon.process.pid
-    # The main thread, the stop watcher, the scheduler's worker, the run's
-    # watcher and lock heartbeat, and a walker at least.
-    wait_until(lambda: len(blocked_signals(pid)) >= 6, "a run's walks started")
+    threads = THREADS_OF_A_RUN[command]
+    wait_until(lambda: len(blocked_signals(pid)) >= threads, "a run's walks started")
 
     masks = blocked_signals(pid)
 

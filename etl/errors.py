@@ -8,6 +8,8 @@ a request URL or a response body.
 
 from __future__ import annotations
 
+import traceback
+
 
 class EtlError(Exception):
     """Root of every error the product raises on purpose."""
@@ -129,3 +131,12 @@ class LockLostError(AccountLockError):
 
 class RunInterrupted(EtlError):
     """A stop was requested (signal or deadline) while a run was going."""
+
+
+def bare_traceback(exc: BaseException) -> str:
+    """The stack of an unexpected exception and its type, for the log, without
+    its text: that can quote a task's data, a callback URL, or a setting
+    that holds a password."""
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    name = type(exc).__qualname__
+    return f"Traceback (most recent call last):\n{frames}{name} (its text left out)"

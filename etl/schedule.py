@@ -43,7 +43,7 @@ from sqlalchemy import Engine
 
 from etl import store
 from etl.config import Config, ScheduleConfig
-from etl.errors import EtlError
+from etl.errors import EtlError, bare_traceback
 from etl.sync import run_sync
 from etl.threads import leave_signals_to_the_main_thread
 
@@ -365,8 +365,8 @@ class Daemon:
             )
         except EtlError as exc:
             log.error("the run failed: %s; the daemon goes on", exc)
-        except Exception:
-            log.exception("the run crashed; the daemon goes on")
+        except Exception as exc:
+            log.error("the run crashed; the daemon goes on\n%s", bare_traceback(exc))
         finally:
             self._idle.set()
         self._log_next_run()

@@ -34,6 +34,7 @@ from etl.errors import (
     LockBusyError,
     RunInterrupted,
     StoreError,
+    bare_traceback,
 )
 from etl.parse import RejectedItem, clean, identify_task, to_text
 from etl.store import PageBatch, PageCounts, Reject
@@ -570,8 +571,10 @@ class _Run:
         except RunInterrupted:
             return  # the run is ending and waits for nothing more
         except Exception as exc:  # a bug must fail the list, not hang the run
-            log.exception(
-                "unexpected error listing the sub-accounts of %s", main.user_id
+            log.error(
+                "unexpected error listing the sub-accounts of %s\n%s",
+                main.user_id,
+                bare_traceback(exc),
             )
             error = (
                 f"sub-account discovery failed: internal error "
@@ -629,7 +632,11 @@ class _Run:
         except EtlError as exc:
             self._put(_WalkEnd(account, started, False, str(exc)))
         except Exception as exc:  # a bug must fail one account, not hang the run
-            log.exception("unexpected error walking account %s", account.label)
+            log.error(
+                "unexpected error walking account %s\n%s",
+                account.label,
+                bare_traceback(exc),
+            )
             # The type only: an exception's text can quote a task's data.
             error = f"internal error ({type(exc).__name__}); see the log"
             self._put(_WalkEnd(account, started, False, error))

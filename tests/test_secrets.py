@@ -28,7 +28,7 @@ from etl.accounts import Account
 from etl.cli import main, setup_logging
 from etl.client import Client, RateLimiter
 from etl.config import ApiConfig, Config, DatabaseConfig, MainAccount
-from etl.errors import FatalApiError
+from etl.errors import FatalApiError, bare_traceback
 from etl.faults import Faults
 from etl.models import metadata
 from etl.simulator import Simulator
@@ -403,3 +403,21 @@ def test_verbose_logs_leave_out_the_libraries_that_log_a_proxys_address() -> Non
     assert logging.getLogger().isEnabledFor(logging.DEBUG)
     for name in ("socks", "urllib3"):
         assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
+
+
+def test_an_unexpected_error_is_logged_with_its_stack_and_not_its_text() -> None:
+    # A bug's exception can quote what it was working on. The walkers, the
+    # sub-account lists and the daemon log such an error with its stack; its
+    # text went along, and with it a callback URL here.
+    def read_callback(item: dict[str, Any]) -> None:
+        raise TypeError(f"cannot read {item['call_notify_url']}")
+
+    try:
+        read_callback(task(1))
+    except TypeError as exc:
+        logged = bare_traceback(exc)
+
+    assert CALLBACK not in logged
+    assert logged.startswith("Traceback (most recent call last):\n")
+    assert ", in read_callback\n" in logged
+    assert logged.endswith("\nTypeError (its text left out)")

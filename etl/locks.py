@@ -31,10 +31,10 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine, delete, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from etl import runs
+from etl import runs, store
 from etl.accounts import Account
 from etl.config import LocksConfig
-from etl.errors import LockBusyError, LockLostError, StoreError
+from etl.errors import LockBusyError, LockLostError, RunInterrupted, StoreError
 from etl.models import account_locks
 from etl.threads import leave_signals_to_the_main_thread
 
@@ -290,6 +290,8 @@ class LeaseLocks(AccountLocks):
         self._clock = clock
         # When each held lease was last renewed, by this run's clock.
         self._renewed: dict[Account, datetime] = {}
+        with _OPEN_HOLDERS_GUARD:
+            _OPEN_HOLDERS.add(self.holder.id)
 
     def _try(self, account: Account) -> str | None:
         now = self._clock()
@@ -332,13 +334,18 @@ class LeaseLocks(AccountLocks):
                 account.label,
                 row.host,
                 row.pid,
-                "which is gone" if row.expires_at > now else "whose lease ran out",
+                _why_stale(row, now),
             )
         return None
 
     def _is_stale(self, row: Any, now: datetime) -> bool:
         if row.expires_at <= now:
             return True
+        if _is_this_process(row):
+            # A run of this process that ended without letting go: a stopped
+            # run's releases do not wait for another writer (see `_release`).
+            with _OPEN_HOLDERS_GUARD:
+                return row.holder not in _OPEN_HOLDERS
         # On this host a pid settles it at once; the lease covers other hosts.
         return bool(row.host == self.holder.host and not runs.is_alive(row.pid))
 
@@ -360,13 +367,17 @@ class LeaseLocks(AccountLocks):
     def _release(self, account: Account) -> None:
         self._renewed.pop(account, None)
         try:
-            with self.engine.begin() as connection:
-                connection.execute(
+            # Once the run is stopped, a release gives up at once when another
+            # process holds the write lock: waiting `database.busy_timeout`
+            # for each account held, a stop took minutes. The lease, the pid
+            # on this host, and in this process `_is_stale`, free it instead.
+            with store.lock_waits_end_on(self._stop), self.engine.begin() as conn:
+                conn.execute(
                     delete(account_locks).where(
                         *_key(account), account_locks.c.holder == self.holder.id
                     )
                 )
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, RunInterrupted) as exc:
             log.warning(
                 "account %s: could not release the lock; its lease of %s s will "
                 "free it: %s",
@@ -374,6 +385,10 @@ class LeaseLocks(AccountLocks):
                 self.config.lease,
                 exc,
             )
+
+    def _close(self) -> None:
+        with _OPEN_HOLDERS_GUARD:
+            _OPEN_HOLDERS.discard(self.holder.id)
 
     def _renew(self, held: set[Account]) -> set[Account]:
         kept = self._renew_rows(held)
@@ -396,6 +411,24 @@ class LeaseLocks(AccountLocks):
         renewed = {a for a in accounts if (a.user_id, a.sub_user_id) in kept}
         self._renewed.update(dict.fromkeys(renewed, now))
         return renewed
+
+
+# The holders of this process's lease locks not yet closed: a lock row of this
+# host and pid whose holder is not among them was left by an ended run.
+_OPEN_HOLDERS: set[str] = set()
+_OPEN_HOLDERS_GUARD = threading.Lock()
+
+
+def _is_this_process(row: Any) -> bool:
+    return bool(row.host == socket.gethostname() and row.pid == os.getpid())
+
+
+def _why_stale(row: Any, now: datetime) -> str:
+    if row.expires_at <= now:
+        return "whose lease ran out"
+    if _is_this_process(row):
+        return "left by an earlier run of this process"
+    return "which is gone"
 
 
 def open_locks(

@@ -4,6 +4,8 @@ Each test starts `task-etl` in a subprocess, drives it with signals and reads
 what it did from the database. Every wait is bounded.
 """
 
+import dataclasses
+import logging
 import os
 import signal
 import subprocess
@@ -26,6 +28,7 @@ from writers import LockAfterFirstPage, other_writer
 from etl import config as config_module
 from etl import store
 from etl.config import ApiConfig, Config, DatabaseConfig, MainAccount
+from etl.errors import StoreError
 from etl.models import sync_run_accounts, sync_runs, task_status_changes, tasks
 from etl.simulator import SimServer, Simulator
 from etl.sync import RunSummary, run_sync
@@ -374,6 +377,49 @@ def test_a_stop_ends_a_page_s_wait_for_another_writer(
     # and none of those that waited for it.
     assert count(engine, tasks) == writer.stored_then == summary.counts.seen
     assert summary.counts.seen < len(simulator.tasks())
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_stop_lets_the_account_locks_go_without_waiting_for_another_writer(
+    tmp_path: Path,
+    server: SimServer,
+    simulator: Simulator,
+    db_url: str,
+    engine: Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Each lock's release waited the busy timeout for the other writer, one
+    # after the other: with 8 accounts held and 5 s, a stop took 48 s.
+    add_tasks(simulator, 8, only_main=True)
+    config = load(write_config(tmp_path, server, simulator, db_url))
+    config = dataclasses.replace(
+        config, database=dataclasses.replace(config.database, busy_timeout=1.0)
+    )
+    impatient = store.connect(config.database)
+    stop = threading.Event()
+    writer = LockAfterFirstPage(db_url, stop, hold=15.0)
+
+    with (
+        caplog.at_level(logging.WARNING, logger="etl.locks"),
+        pytest.raises(StoreError, match="database is locked"),
+    ):
+        run_sync(config, engine=impatient, progress=writer, stop=stop)
+    took = time.monotonic() - (writer.stopped_at or 0.0)
+    writer.close()
+    impatient.dispose()
+
+    left = [r for r in caplog.records if "could not release" in r.getMessage()]
+    assert len(left) >= 2
+    # Recording the stop waits the busy timeout once; no release waits.
+    assert took < 2.5
+    assert count(engine, tasks) == writer.stored_then
+    # The locks it left are this process's ended run's: the next run takes
+    # them over at once instead of waiting for their lease to run out.
+    with caplog.at_level(logging.WARNING, logger="etl.locks"):
+        again = run_sync(config, engine=engine)
+    assert (again.outcome, again.accounts_skipped) == ("succeeded", 0)
+    taken = [r for r in caplog.records if "earlier run of this process" in r.message]
+    assert len(taken) == len(left)
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

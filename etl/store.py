@@ -346,13 +346,12 @@ class PageWriter:
         """Store pages, each with its account's `previous_complete`, in one
         transaction, and say what each changed.
 
-        No task may be on two of the pages: each page is planned against the
-        rows stored before the transaction. Should the transaction fail, no
-        page is written, and the error names the page only if it is alone.
+        Each page is planned against the rows stored before the transaction,
+        so pages that share a task fail like a refused statement. Should the
+        transaction fail, no page is written, and the error names the page
+        only if it is alone.
         """
         listed = [_deduplicate(batch.records) for batch, _ in pages]
-        if len(pages) > 1 and _share_a_task(listed):
-            raise ValueError("pages written together must not share a task")
         try:
             plans = self._write(run_id, pages, listed)
         except (SQLAlchemyError, sqlite3.Error, ValueError, OverflowError) as exc:
@@ -412,11 +411,6 @@ class PageWriter:
         else:
             self._unsaved[run_id] = unsaved
         return plans
-
-
-def _share_a_task(listed: list[list[Listed]]) -> bool:
-    uuids = {task.uuid for tasks in listed for task in tasks}
-    return len(uuids) < sum(map(len, listed))
 
 
 def _not_written(
@@ -538,6 +532,10 @@ def _read_stored(
     of those that did not, and of those among them that are flagged (see
     `mark_removals`); only the rows that differ get their times converted."""
     listed_hashes = {task.uuid: task.content_hash for task in listed}
+    if len(listed_hashes) < len(listed):
+        # Of pages written together (each page's own are deduplicated): a
+        # task planned twice against one stored row would be written twice.
+        raise ValueError("pages written together must not share a task")
     unchanged: set[str] = set()
     flagged: set[str] = set()
     stored: dict[str, _Stored] = {}

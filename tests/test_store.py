@@ -337,6 +337,18 @@ def test_pages_written_together_are_all_written_or_none(engine: Engine) -> None:
     assert stored_uuids(engine) == {"a"}
 
 
+def test_pages_that_share_a_task_are_refused_together(engine: Engine) -> None:
+    run_id = runs.start_run(engine, "sync")
+    first = batch([item("a")], number=1)
+    again = batch([item("a", 1), item("b")], number=2)
+
+    with store.PageWriter(engine) as writer:
+        with pytest.raises(store.StoreError, match="must not share a task"):
+            writer.write_together(run_id, [(first, None), (again, None)])
+
+    assert stored_uuids(engine) == set()
+
+
 def stored_uuids(engine: Engine) -> set[str]:
     with engine.connect() as connection:
         return set(connection.execute(select(tasks.c.uuid)).scalars())

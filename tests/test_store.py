@@ -451,20 +451,24 @@ def test_the_stored_state_a_page_is_planned_from_is_read_exactly(
     # On SQLite the rows come back as one JSON text: every value must come
     # back as the plain query reads it, whatever the text holds.
     awkward = 'say "hi" \\ \x01\t\u2028 😀 null \ud7ff'
-    write(engine, [item("a", status_str=awkward), item("b", 2**31 - 1), item("c")])
+    stored_items = [item("a", status_str=awkward), item("b", 2**31 - 1), item("c")]
+    write(engine, [*stored_items, item("e", 1), item("f", 1)])
     with engine.begin() as connection:
         connection.execute(
             update(tasks)
             .where(tasks.c.uuid == "b")
             .values(removed_at=T0 + timedelta(hours=1), unlisted_after=T0)
         )
+        connection.execute(
+            update(tasks).where(tasks.c.uuid == "f").values(unlisted_after=T0)
+        )
     zone = ZoneInfo("Asia/Shanghai")
-    listed = [parse_task(item(uuid, 1), ACCOUNT, zone) for uuid in ("a", "b", "d")]
+    listed = [parse_task(item(uuid, 1), ACCOUNT, zone) for uuid in "abdef"]
     columns = [tasks.c[name] for name in store._Stored._fields]
 
     with engine.connect() as connection:
         driver = store._DriverValues(connection.dialect.name)
-        stored, unchanged, _ = store._read_stored(connection, driver, listed)
+        stored, unchanged, flagged = store._read_stored(connection, driver, listed)
         expected = connection.execute(
             select(*columns).where(tasks.c.uuid.in_(["a", "b"]))
         ).all()
@@ -472,7 +476,31 @@ def test_the_stored_state_a_page_is_planned_from_is_read_exactly(
     assert {uuid: tuple(row) for uuid, row in stored.items()} == {
         row.uuid: tuple(row) for row in expected
     }
-    assert stored["a"].status_str == awkward and not unchanged
+    assert stored["a"].status_str == awkward
+    assert (unchanged, flagged) == ({"e", "f"}, {"f"})
+
+
+def test_a_task_stored_unchanged_is_not_read_back(engine: Engine) -> None:
+    # In a re-sync nearly every task is unchanged: the database compares
+    # the hashes, and only the tasks to plan or to flag come back.
+    write(engine, [item("same", 1), item("changed", 1), item("flagged", 1)])
+    with engine.begin() as connection:
+        connection.execute(
+            update(tasks).where(tasks.c.uuid == "flagged").values(unlisted_after=T0)
+        )
+    zone = ZoneInfo("Asia/Shanghai")
+    statuses = {"same": 1, "changed": 2, "flagged": 1, "new": 1}
+    listed = {
+        uuid: parse_task(item(uuid, status), ACCOUNT, zone).content_hash
+        for uuid, status in statuses.items()
+    }
+
+    with engine.connect() as connection:
+        rows = store._rows_to_plan(connection, listed)
+
+    new = [row for row in rows if isinstance(row, str)]
+    stored = sorted(row[0] for row in rows if not isinstance(row, str))
+    assert (new, stored) == (["new"], ["changed", "flagged"])
 
 
 def test_sqlite_pages_are_written_with_temporary_storage_in_memory(

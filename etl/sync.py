@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import logging
 import queue
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 
@@ -169,8 +167,7 @@ def run_sync(
     client = client or make_client(config, sleep=interruptible_sleep(halt))
     run = _Run(config, engine, client, kind, filters, progress, halt)
     try:
-        with SWITCH_INTERVAL.shortened():
-            summary = run.execute(only, stop=stop, deadline=deadline)
+        summary = run.execute(only, stop=stop, deadline=deadline)
     except SQLAlchemyError as exc:
         # Outside a page (a file locked past the busy timeout, a server gone):
         # the run cannot go on, and says so in one line.
@@ -180,42 +177,6 @@ def run_sync(
             client.close()
     rollup.refresh_after_run(engine, config.api.zone)
     return summary
-
-
-class _SwitchInterval:
-    """Python's switch interval, shortened while any run goes on.
-
-    Python hands its lock from a running thread to a waiting one only after
-    this interval (5 ms by default). The writer gives the lock up for each
-    database call, and waited that long to get it back from a fetching
-    thread busy parsing. Together with SQLite's rows sent as a few
-    multi-row statements per page (see `store`), 0.5 ms took a tenth to a
-    sixth off a first sync.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self._lock = threading.Lock()
-        self._runs = 0
-        self._saved = 0.0
-
-    @contextmanager
-    def shortened(self) -> Iterator[None]:
-        with self._lock:
-            if self._runs == 0:
-                self._saved = sys.getswitchinterval()
-                sys.setswitchinterval(min(self._saved, self.seconds))
-            self._runs += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._runs -= 1
-                if self._runs == 0:
-                    sys.setswitchinterval(self._saved)
-
-
-SWITCH_INTERVAL = _SwitchInterval(0.0005)
 
 
 def make_client(config: Config, sleep: Callable[[float], None] = time.sleep) -> Client:

@@ -101,7 +101,8 @@ class PreparedTask:
 
     A fetching thread prepares the tasks of a first sync, which are all
     written: the single writer then only assembles rows, and the parsing
-    runs while the writer waits on the database.
+    runs while the writer waits on the database. The payload is in
+    `values` alone: a record made from a listed item keeps none.
     """
 
     uuid: str
@@ -772,6 +773,10 @@ def _prepare(driver: _DriverValues, task: Listed) -> PreparedTask:
         "raw": record.raw_json or driver.json(record.raw),
         "content_hash": record.content_hash,
     }
+    if isinstance(task, ListedTask):
+        # The record was made here, and its payload is in `values` now: the
+        # item it keeps was a third of the memory of the pages in flight.
+        record.raw, record.raw_json = {}, None
     return PreparedTask(record.uuid, record.content_hash, record, values)
 
 

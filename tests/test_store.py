@@ -1,3 +1,5 @@
+import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from unittest import mock
@@ -11,7 +13,7 @@ from etl import runs, store
 from etl.accounts import Account
 from etl.config import DatabaseConfig
 from etl.models import groups, sync_rejects, sync_runs, task_status_changes, tasks
-from etl.parse import clean, parse_task
+from etl.parse import clean, identify_task, parse_task
 from etl.store import PageBatch, Reject
 
 ACCOUNT = Account("main-1", "sub-1")
@@ -501,6 +503,20 @@ def test_a_task_stored_unchanged_is_not_read_back(engine: Engine) -> None:
     new = [row for row in rows if isinstance(row, str)]
     stored = sorted(row[0] for row in rows if not isinstance(row, str))
     assert (new, stored) == (["new"], ["changed", "flagged"])
+
+
+def test_a_prepared_page_keeps_each_payload_once() -> None:
+    # A first sync's pages wait in the queue prepared; the items they were
+    # made from were a third of their memory.
+    zone = ZoneInfo("Asia/Shanghai")
+    own = parse_task(item("b"), ACCOUNT, zone)
+    page = replace(batch([]), records=[identify_task(item("a"), ACCOUNT, zone), own])
+
+    from_listed, from_record = page.prepared("sqlite").records
+
+    assert from_listed.parsed().raw == {}
+    assert json.loads(from_listed.values["raw"]) == clean(item("a"))
+    assert json.loads(from_record.values["raw"]) == own.raw == clean(item("b"))
 
 
 def test_sqlite_pages_are_written_with_temporary_storage_in_memory(

@@ -54,6 +54,8 @@ EXIT_SKIPPED = 4
 POLL_SECONDS = 0.1
 # Pages queued together that the writer stores in one transaction at most.
 PAGES_PER_TRANSACTION = 16
+# Pages the queue holds beyond two per fetching thread (see `_Run`).
+EXTRA_QUEUED_PAGES = 8
 
 
 @dataclass(frozen=True)
@@ -240,13 +242,16 @@ class _Run:
         self.cut_short = False
         self.locks: locks.AccountLocks | None = None
         self.writer = store.PageWriter(engine)
-        # Room for four pages per fetcher keeps them busy while the writer
-        # works, and bounds memory whatever the number of pages. The writer
-        # takes the pages queued behind it into one transaction, and each
-        # transaction costs it several waits for Python's lock: with room
-        # for two, a first sync of 100,000 tasks took a tenth longer.
+        # Room for two pages per fetcher keeps them busy while the writer
+        # works, and bounds memory whatever the number of pages. A few more
+        # let the writer take more pages into each transaction, each of
+        # which costs it several waits for Python's lock: with four fetchers
+        # and room for two each only, a first sync of 100,000 tasks took a
+        # tenth longer. A few, not more per fetcher: the queued pages of a
+        # re-sync keep their items, and with 64 fetchers and room for four
+        # each, a re-sync's peak memory grew by a quarter.
         self.queue: queue.Queue[PageBatch | _WalkEnd | _Discovered] = queue.Queue(
-            maxsize=4 * config.api.parallelism
+            maxsize=2 * config.api.parallelism + EXTRA_QUEUED_PAGES
         )
         # An item taken from the queue but not yet handled (see
         # `_pages_together`).

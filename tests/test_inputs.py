@@ -892,8 +892,8 @@ def test_a_sqlite_file_locked_past_the_busy_timeout_is_one_clear_error(
 
 def sync_with_writer_held(platform: Platform, engine: Engine) -> RunSummary:
     """A run of u1 then u2, whose writer waits after the first page it writes
-    until page 4 is asked for: pages 2 and 3 are then queued behind it (room
-    for two pages with one walk at a time), and written together."""
+    until page 4 is asked for: pages 2 and 3 are then queued behind it, and
+    written together."""
     config = make_config(platform.url, ("u1", "u2"), page_size=3, parallelism=1)
     client = Client(config.api, sleep=lambda _: None, limiter=RateLimiter(10_000))
     held = []

@@ -28,6 +28,7 @@ from time import monotonic
 from typing import Any, NamedTuple
 
 import orjson
+import psycopg
 from sqlalchemy import (
     ColumnElement,
     Connection,
@@ -82,6 +83,14 @@ RUN_COUNTS_EVERY = 1.0
 # connection in WAL mode keeps it.
 BUSY_TURN_SECONDS = 0.1
 _BUSY_TURN = "etl.busy_turn"
+# PostgreSQL: the key under which a connection keeps its longest wait for a
+# lock, and the advisory lock of the transactions that write tasks (see
+# `_take_write_turn`); any constant will do, as long as nothing else in the
+# database takes it.
+_LOCK_WAIT = "etl.lock_wait"
+_WRITERS_LOCK = 0x7461736B_77726974  # "taskwrit"
+# The tables those transactions write.
+_WRITTEN_TABLES = "tasks, task_status_changes, groups, sync_rejects, sync_runs"
 # The event that ends this thread's waits for the lock (see `lock_waits_end_on`).
 _lock_wait_ends_on: ContextVar[threading.Event | None] = ContextVar(
     "_lock_wait_ends_on", default=None
@@ -201,6 +210,8 @@ def connect(database: DatabaseConfig, *, read_only: bool = False) -> Engine:
         raise StoreError(f"{database.source}: cannot use it: {exc}") from None
     if engine.dialect.name == "sqlite":
         _tune_sqlite(engine, database.busy_timeout, read_only)
+    elif engine.dialect.name == "postgresql":
+        _tune_postgresql(engine, database)
     return engine
 
 
@@ -244,6 +255,19 @@ def _tune_sqlite(engine: Engine, busy_timeout: float, read_only: bool) -> None:
         _begin_immediate(connection, busy_timeout)
 
 
+def _tune_postgresql(engine: Engine, database: DatabaseConfig) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            # PostgreSQL waits for a lock without end: a session holding one
+            # on a table (a LOCK TABLE by hand, a long migration) hung a run.
+            # No wait here is longer than SQLite's for another writer.
+            wait = int(database.busy_timeout * 1000)
+            cursor.execute(f"SET lock_timeout = {wait}")
+        dbapi_connection.commit()
+        record.info[_LOCK_WAIT] = database.busy_timeout
+
+
 def _begin_immediate(connection: Connection, busy_timeout: float) -> None:
     """Take SQLite's write lock, waiting up to `busy_timeout` for another
     writer in turns of `BUSY_TURN_SECONDS`.
@@ -260,16 +284,90 @@ def _begin_immediate(connection: Connection, busy_timeout: float) -> None:
     statements a page, each one more wait for Python's lock.
     """
     turn = connection.connection.info.get(_BUSY_TURN, busy_timeout)
+    _in_turns(
+        lambda: connection.exec_driver_sql("BEGIN IMMEDIATE"),
+        _is_busy,
+        busy_timeout,
+        turn,
+    )
+
+
+def _take_write_turn(
+    connection: Connection, then: tuple[str, tuple[Any, ...]] | None = None
+) -> list[Any]:
+    """PostgreSQL: begin a transaction that writes tasks by waiting for the
+    other such transactions to end, in turns of `BUSY_TURN_SECONDS`; the
+    rows of the query `then`, run in the same round trip.
+
+    A page is planned from the stored state it reads. Two runs writing
+    pages that list the same task at the same time (accounts that share
+    tasks, a daemon and a backfill) both read it as not stored, and both
+    wrote its `first_seen`. SQLite's writers take turns (see
+    `_begin_immediate`); here an advisory lock makes them. Under READ
+    COMMITTED each statement after it sees what the writer before committed.
+
+    The tables are locked too, in the mode their writes take anyway, so that
+    a lock another session holds on one is waited for here, where a stop
+    ends the wait, and not inside a statement, where only the connection's
+    `lock_timeout` does.
+
+    The statements go in one query, bound by psycopg: each round trip is one
+    more wait for Python's lock, and in a first sync a round trip of their
+    own took 7 ms a transaction, 4 % of the run. Bound so, `then` is never
+    a prepared statement, which
+    psycopg makes of a query run five times, and for which PostgreSQL may
+    keep one plan: made while a first sync's table was still nearly empty,
+    the plan of the read of stored tasks scanned the whole table for every
+    page after it, and a first sync took twice as long.
+    """
+    wait = connection.connection.info.get(_LOCK_WAIT, BUSY_TURN_SECONDS)
+    turn = min(BUSY_TURN_SECONDS, wait)
+    sql, parameters = then or ("SELECT 1", ())
+    take = (
+        f"SET LOCAL lock_timeout = {int(turn * 1000)};"
+        f" SELECT pg_advisory_xact_lock({_WRITERS_LOCK});"
+        f" LOCK TABLE {_WRITTEN_TABLES} IN ROW EXCLUSIVE MODE;"
+        f" SET LOCAL lock_timeout = {int(wait * 1000)}; {sql}"
+    )
+    driver_connection: Any = connection.connection.driver_connection
+    rows: list[Any] = []
+
+    def attempt() -> None:
+        try:
+            with psycopg.ClientCursor(driver_connection) as cursor:
+                cursor.execute(take, parameters)
+                while cursor.nextset():
+                    pass
+                rows.extend(cursor.fetchall())
+        except psycopg.errors.LockNotAvailable:
+            # Nothing was done but the wait: the next turn begins anew.
+            driver_connection.rollback()
+            raise
+
+    _in_turns(attempt, _is_lock_timeout, wait, turn)
+    return rows
+
+
+def _in_turns(
+    attempt: Callable[[], object],
+    waited: Callable[[Exception], bool],
+    wait: float,
+    turn: float,
+) -> None:
+    """Call `attempt`, which waits up to `turn` seconds for a lock and fails
+    as `waited` tells when it is still held, until it succeeds or `wait`
+    seconds are over; between turns, raise `RunInterrupted` once this
+    thread's `lock_waits_end_on` event is set."""
     ends = None  # known from the first turn that found the lock taken
     while True:
         try:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            attempt()
             return
-        except OperationalError as exc:
-            if not _is_busy(exc):
+        except Exception as exc:
+            if not waited(exc):
                 raise
             now = monotonic()
-            ends = ends or now + busy_timeout - turn
+            ends = ends or now + wait - turn
             if now >= ends:
                 raise
         halt = _lock_wait_ends_on.get()
@@ -288,7 +386,13 @@ def lock_waits_end_on(halt: threading.Event) -> Iterator[None]:
         _lock_wait_ends_on.reset(waiting)
 
 
-def _is_busy(exc: OperationalError) -> bool:
+def _is_lock_timeout(exc: Exception) -> bool:
+    return isinstance(exc, psycopg.errors.LockNotAvailable)
+
+
+def _is_busy(exc: Exception) -> bool:
+    if not isinstance(exc, OperationalError):
+        return False
     orig = exc.orig
     # The extended codes (SQLITE_BUSY_SNAPSHOT and others) keep the primary
     # code in their low byte.
@@ -356,10 +460,17 @@ class PageWriter:
         listed = [_deduplicate(batch.records) for batch, _ in pages]
         try:
             plans = self._write(run_id, pages, listed)
-        except (SQLAlchemyError, sqlite3.Error, ValueError, OverflowError) as exc:
+        except (
+            SQLAlchemyError,
+            sqlite3.Error,
+            psycopg.Error,
+            ValueError,
+            OverflowError,
+        ) as exc:
             self.close()
-            # A value a driver cannot bind raises outside SQLAlchemy's tree;
-            # it fails this page like a refused statement, never the run.
+            # A value a driver cannot bind, or a query run by the driver
+            # itself, raises outside SQLAlchemy's tree; it fails this page
+            # like a refused statement, never the run.
             raise StoreError(_not_written(pages, exc)) from exc
         except RunInterrupted:
             self.close()
@@ -380,6 +491,7 @@ class PageWriter:
         with connection.begin():
             driver = _DriverValues(connection.dialect.name)
             everything = [task for tasks in listed for task in tasks]
+            # On PostgreSQL the read takes the writers' turn.
             stored, unchanged, flagged = _read_stored(connection, driver, everything)
             plans = []
             for (batch, previous_complete), tasks in zip(pages, listed, strict=True):
@@ -596,7 +708,8 @@ def _rows_to_plan(connection: Connection, listed: dict[str, str]) -> list[Any]:
     # json module, whose encoding was a fiftieth of a first sync's writer.
     text = orjson.dumps(listed).decode()
     if connection.dialect.name == "postgresql":
-        rows = _read_unprepared(connection, _ROWS_TO_PLAN_FROM_JSON, (text,))
+        # The first statement of a page's transaction: it takes the turn.
+        rows = _take_write_turn(connection, then=(_ROWS_TO_PLAN_FROM_JSON, (text,)))
         # The hash column holds no NULL: a NULL hash is a task not stored.
         return [row[0] if row[2] is None else row for row in rows]
     # SQLite's driver gives up Python's lock for every row it reads, and
@@ -604,8 +717,8 @@ def _rows_to_plan(connection: Connection, listed: dict[str, str]) -> list[Any]:
     # each time: so the rows come back as one JSON text. Every column read
     # is text, an integer or NULL, which JSON carries as it is. A first
     # sync's tasks are all new, and their uuids alone are shorter to read.
-    rows = _read_unprepared(connection, _ROWS_TO_PLAN_AS_JSON, (text,))
-    planned: list[Any] = json.loads(rows[0][0])
+    found = connection.exec_driver_sql(_ROWS_TO_PLAN_AS_JSON, (text,)).scalar_one()
+    planned: list[Any] = json.loads(found)
     return planned
 
 
@@ -629,24 +742,6 @@ _ROWS_TO_PLAN_FROM_JSON = (
     " WHERE t.content_hash IS DISTINCT FROM listed.value"
     " OR t.removed_at IS NOT NULL OR t.unlisted_after IS NOT NULL"
 )
-
-
-def _read_unprepared(
-    connection: Connection, sql: str, parameters: tuple[Any, ...]
-) -> list[Any]:
-    """The rows of a query run by the driver, never as a prepared statement.
-
-    psycopg prepares a query once it has run five times, and PostgreSQL may
-    then keep one plan for it. Made while a first sync's table was still
-    nearly empty, that plan scanned the whole table for every page after it,
-    and a first sync took twice as long.
-    """
-    if connection.dialect.name != "postgresql":
-        return list(connection.exec_driver_sql(sql, parameters).all())
-    driver_connection: Any = connection.connection.driver_connection
-    with driver_connection.cursor() as cursor:
-        cursor.execute(sql, parameters, prepare=False)
-        return list(cursor.fetchall())
 
 
 def _plan(
@@ -1124,6 +1219,8 @@ def mark_removals(
     listed = owned & tasks.c.removed_at.is_(None)
     try:
         with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                _take_write_turn(connection)
             # Only listed tasks are ever flagged, so this reads the partial
             # index alone: with `removed_at` in the query, SQLite chose the
             # account's index and read every task of the account.
@@ -1141,7 +1238,7 @@ def mark_removals(
             missed = _set_unlisted(connection, missed, listed, previous_complete)
             gone = [row for row in flagged if row.uuid not in seen]
             gone = _remove(connection, run_id, gone, listed & _IS_FLAGGED, observed_at)
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, psycopg.Error) as exc:
         raise StoreError(
             f"account {account.label}: removals were not marked: {_first_line(exc)}"
         ) from exc

@@ -550,7 +550,6 @@ def test_a_walk_whose_removals_failed_is_replayed_as_it_ran(
     assert sorted_snapshot(engine) == sorted_snapshot(live)
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_stop_drops_the_replayed_page_waiting_for_another_writer(
     tmp_path: Path,
     simulator: Simulator,

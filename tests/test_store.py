@@ -1,4 +1,8 @@
+import functools
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -8,10 +12,12 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import Engine, select, text, update
 from synced import history
+from writers import TasksLock
 
 from etl import runs, store
 from etl.accounts import Account
 from etl.config import DatabaseConfig
+from etl.errors import RunInterrupted, StoreError
 from etl.models import groups, sync_rejects, sync_runs, task_status_changes, tasks
 from etl.parse import clean, identify_task, parse_task
 from etl.store import PageBatch, Reject
@@ -379,6 +385,92 @@ def test_a_removal_read_before_another_writer_moved_the_task_removes_nothing(
     assert history(engine, "b") == [("first_seen", None, 2)]
 
 
+def test_two_writers_of_a_task_at_once_record_its_first_sighting_once(
+    engine: Engine, db_url: str
+) -> None:
+    # Two runs writing pages that list the same tasks (two accounts that
+    # share them) both read them as not stored, and on PostgreSQL both wrote
+    # their first sighting. The lock held meanwhile makes both read first.
+    uuids = [f"t{n}" for n in range(10)]
+    zone = ZoneInfo("Asia/Shanghai")
+    run_id = runs.start_run(engine, "sync")
+    pages = [
+        PageBatch(owner, "/t", 1, T0, [parse_task(item(u), owner, zone) for u in uuids])
+        for owner in (ACCOUNT, Account("main-1", "sub-2"))
+    ]
+    lock = TasksLock(db_url)
+    lock.take()
+
+    with ThreadPoolExecutor(2) as pool:
+        write = functools.partial(store.write_page, engine, run_id)
+        writing = [pool.submit(write, page, None) for page in pages]
+        time.sleep(1.0)  # both now wait for the lock
+        lock.let_go()
+        counts = [future.result(timeout=30) for future in writing]
+    lock.close()
+
+    assert sorted(c.new for c in counts) == [0, 10]
+    assert {u: history(engine, u) for u in uuids} == {
+        u: [("first_seen", None, 2)] for u in uuids
+    }
+    assert {task_row(engine, u).sub_user_id for u in uuids} in ({"sub-1"}, {"sub-2"})
+
+
+def test_a_lock_held_past_the_busy_timeout_fails_the_page_and_names_it(
+    db_url: str,
+) -> None:
+    # On PostgreSQL the page used to wait for as long as the lock was held.
+    engine = store.connect(DatabaseConfig(url=db_url, busy_timeout=0.5))
+    store.migrate(engine)
+    run_id = runs.start_run(engine, "sync")
+    lock = TasksLock(db_url)
+    lock.take()
+
+    began = time.monotonic()
+    with pytest.raises(StoreError) as caught:
+        store.write_page(engine, run_id, batch([item("a")]), None)
+    took = time.monotonic() - began
+    lock.let_go()
+
+    assert str(caught.value).startswith(
+        "account main-1:sub-1, endpoint /agent-api/user/{user_id}/task, page 1: "
+        "the page was not written: "
+    )
+    assert "database is locked" in str(caught.value) or "lock timeout" in str(
+        caught.value
+    )
+    assert took < 5.0
+    assert stored_uuids(engine) == set()
+    lock.take()
+    with pytest.raises(StoreError, match="^account main-1:sub-1: removals were not"):
+        store.mark_removals(engine, run_id, ACCOUNT, set(), T0, None)
+    lock.let_go()
+    lock.close()
+    store.write_page(engine, run_id, batch([item("a")]), None)
+    assert stored_uuids(engine) == {"a"}
+    engine.dispose()
+
+
+def test_a_stop_ends_a_page_s_wait_for_a_lock_and_writes_nothing(
+    engine: Engine, db_url: str
+) -> None:
+    run_id = runs.start_run(engine, "sync")
+    lock = TasksLock(db_url)
+    lock.take()
+    halt = threading.Event()
+    threading.Timer(0.3, halt.set).start()
+
+    began = time.monotonic()
+    with pytest.raises(RunInterrupted), store.lock_waits_end_on(halt):
+        store.write_page(engine, run_id, batch([item("a")]), None)
+    took = time.monotonic() - began
+    lock.let_go()
+    lock.close()
+
+    assert took < 2.0
+    assert stored_uuids(engine) == set()
+
+
 def test_stored_times_come_back_to_the_microsecond(engine: Engine) -> None:
     first = T0 + timedelta(microseconds=123456)
     write(engine, [item("a", 2)], first)
@@ -676,7 +768,35 @@ def test_the_read_of_stored_tasks_is_never_a_prepared_statement(pg_url: str) -> 
     engine.dispose()
 
     assert "INSERT INTO tasks" in statements  # psycopg did prepare the writes
-    assert "FROM tasks WHERE uuid IN" not in statements
+    assert "json_each_text" not in statements
+
+
+def test_a_writer_whose_connection_ends_fails_the_page_and_goes_on(
+    pg_url: str,
+) -> None:
+    # The read of stored tasks, run by psycopg itself, raised psycopg's own
+    # error, which failed the run, not the page, and without a word.
+    engine = store.connect(DatabaseConfig(url=pg_url))
+    store.migrate(engine)
+    run_id = runs.start_run(engine, "sync")
+    with store.PageWriter(engine) as writer:
+        writer.write(run_id, batch([item("a")]), None)
+        assert writer._connection is not None
+        pid = writer._connection.connection.driver_connection.info.backend_pid
+        with engine.connect() as other:
+            other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+        with pytest.raises(StoreError) as caught:
+            writer.write(run_id, batch([item("b")], number=2), None)
+        writer.write(run_id, batch([item("c")], number=3), None)
+    engine.dispose()
+
+    assert str(caught.value).startswith(
+        "account main-1:sub-1, endpoint /agent-api/user/{user_id}/task, page 2: "
+        "the page was not written: "
+    )
+    assert "\n" not in str(caught.value)
+    assert stored_uuids(store.connect(DatabaseConfig(url=pg_url))) == {"a", "c"}
 
 
 def test_a_postgresql_url_without_a_driver_uses_psycopg(pg_url: str) -> None:

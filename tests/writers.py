@@ -1,11 +1,14 @@
-"""Another process's writer, for tests of what a run does while SQLite's
-write lock is held by someone else."""
+"""Another process's writer, for tests of what a run does while the lock it
+needs to write is held by someone else: SQLite's write lock, or on
+PostgreSQL a session's lock on the tasks table."""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
 import time
+
+from sqlalchemy import create_engine
 
 from etl.sync import Progress
 
@@ -16,16 +19,49 @@ def other_writer(sqlite_url: str) -> sqlite3.Connection:
     return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
 
 
+class TasksLock:
+    """A connection of the test's own that locks the tasks table against
+    writes, and lets it go; other sessions can still read it."""
+
+    def __init__(self, db_url: str) -> None:
+        self.sqlite = db_url.startswith("sqlite")
+        if self.sqlite:
+            self.holder = other_writer(db_url)
+        else:
+            self.engine = create_engine(db_url)
+            self.connection = self.engine.connect()
+
+    def take(self) -> int:
+        """Lock the table; the tasks stored then."""
+        if self.sqlite:
+            self.holder.execute("BEGIN IMMEDIATE")
+            return int(self.holder.execute("SELECT count(*) FROM tasks").fetchone()[0])
+        self.connection.exec_driver_sql("LOCK TABLE tasks IN EXCLUSIVE MODE")
+        stored = self.connection.exec_driver_sql("SELECT count(*) FROM tasks")
+        return int(stored.scalar_one())
+
+    def let_go(self) -> None:
+        if self.sqlite:
+            self.holder.rollback()
+        else:
+            self.connection.rollback()
+
+    def close(self) -> None:
+        if self.sqlite:
+            self.holder.close()
+        else:
+            self.connection.close()
+            self.engine.dispose()
+
+
 class LockAfterFirstPage:
     """A run's progress callback: once the first page is stored, another
-    connection takes the write lock, `stop` is set 0.3 s later, and the lock
-    is let go after `hold` seconds, long after a stopped run has given up
-    waiting."""
+    connection takes the lock writes need, `stop` is set 0.3 s later, and
+    the lock is let go after `hold` seconds, long after a stopped run has
+    given up waiting."""
 
-    def __init__(
-        self, sqlite_url: str, stop: threading.Event, hold: float = 3.0
-    ) -> None:
-        self.holder = other_writer(sqlite_url)
+    def __init__(self, db_url: str, stop: threading.Event, hold: float = 3.0) -> None:
+        self.lock = TasksLock(db_url)
         self.stop = stop
         self.hold = hold
         # The tasks stored when the lock was taken, and when `stop` is set.
@@ -36,12 +72,10 @@ class LockAfterFirstPage:
     def __call__(self, progress: Progress) -> None:
         if progress.pages != 1 or self.stored_then is not None:
             return
-        self.holder.execute("BEGIN IMMEDIATE")
-        count = self.holder.execute("SELECT count(*) FROM tasks").fetchone()[0]
-        self.stored_then = int(count)
+        self.stored_then = self.lock.take()
         self.stopped_at = time.monotonic() + 0.3
         threading.Timer(0.3, self.stop.set).start()
-        self.letting_go = threading.Timer(self.hold, self.holder.rollback)
+        self.letting_go = threading.Timer(self.hold, self.lock.let_go)
         self.letting_go.start()
 
     def close(self) -> None:
@@ -49,4 +83,4 @@ class LockAfterFirstPage:
         if self.letting_go is not None:
             self.letting_go.cancel()
             self.letting_go.join()
-        self.holder.close()
+        self.lock.close()

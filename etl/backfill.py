@@ -28,10 +28,11 @@ from etl.accounts import Account
 from etl.archive import ArchivedPage, ArchivedWalk
 from etl.client import Client
 from etl.config import Config
-from etl.errors import ConfigError, EtlError, RunInterrupted
+from etl.errors import ConfigError, EtlError, RunInterrupted, RunNotBegun
 from etl.models import accounts
 from etl.store import PageBatch, PageCounts
 from etl.sync import (
+    EXIT_CODES,
     Filters,
     Progress,
     RunSummary,
@@ -211,7 +212,16 @@ class _Replay:
 
     def execute(self, walks: list[ArchivedWalk]) -> ReplaySummary:
         began = time.monotonic()
-        self.run_id = runs.start_run(self.engine, "replay")
+        # A stop ends a wait for another process's writer here too.
+        try:
+            with store.lock_waits_end_on(self.stop):
+                self.run_id = runs.start_run(self.engine, "replay")
+        except RunInterrupted:
+            raise RunNotBegun(
+                "stopped before the replay began, while waiting for another "
+                "writer of the database",
+                exit_code=EXIT_CODES["stopped"],
+            ) from None
         self.walks = []
         replayed: set[tuple[str, str]] = set()
         newer: list[ArchivedWalk] = []

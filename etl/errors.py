@@ -133,6 +133,15 @@ class RunInterrupted(EtlError):
     """A stop was requested (signal or deadline) while a run was going."""
 
 
+class RunNotBegun(RunInterrupted):
+    """A stop or the deadline came while a run waited for another writer to
+    record its start: nothing was done."""
+
+    def __init__(self, message: str, *, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def bare_traceback(exc: BaseException) -> str:
     """The stack of an unexpected exception and its type, for the log, without
     its text: that can quote a task's data, a callback URL, or a setting

@@ -91,6 +91,9 @@ _LOCK_WAIT = "etl.lock_wait"
 _WRITERS_LOCK = 0x7461736B_77726974  # "taskwrit"
 # The tables those transactions write.
 _WRITTEN_TABLES = "tasks, task_status_changes, groups, sync_rejects, sync_runs"
+# The execution option of a connection that only reads: on SQLite it then
+# never waits for another process's writer (see `_tune_sqlite`).
+_READS_ONLY = "etl_reads_only"
 # The event that ends this thread's waits for the lock (see `lock_waits_end_on`).
 _lock_wait_ends_on: ContextVar[threading.Event | None] = ContextVar(
     "_lock_wait_ends_on", default=None
@@ -249,6 +252,9 @@ def _tune_sqlite(engine: Engine, busy_timeout: float, read_only: bool) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
+        if connection.get_execution_options().get(_READS_ONLY):
+            # Each statement reads in a transaction of its own, as above.
+            return
         # A page reads before it writes; taking the write lock up front means
         # a second writer waits for the busy timeout instead of failing on
         # the upgrade from a read lock.
@@ -1441,7 +1447,8 @@ def schema_revision(engine: Engine) -> str | None:
     request only to check the schema.
     """
     try:
-        with engine.connect() as connection:
+        # Before a run begins, where nothing ends a wait for the write lock.
+        with engine.connect().execution_options(**{_READS_ONLY: True}) as connection:
             if not inspect(connection).has_table(_VERSION_TABLE):
                 return None
             found = (

@@ -31,6 +31,7 @@ from etl.errors import (
     EtlError,
     LockBusyError,
     RunInterrupted,
+    RunNotBegun,
     StoreError,
     bare_traceback,
 )
@@ -265,10 +266,8 @@ class _Run:
         deadline: float | None = None,
     ) -> RunSummary:
         began = time.monotonic()
-        lease = self.config.locks.lease
-        run_id = runs.start_run(self.engine, self.kind, lease=lease)
-        self.run_id = run_id
         watcher = self._watch(stop, deadline)
+        run_id = self._start(watcher, deadline)
         holding = locks.hold(self.engine, self.config.locks, run_id, stop=self.stop)
         try:
             with holding as self.locks:
@@ -323,13 +322,43 @@ class _Run:
         _log_summary(summary)
         return summary
 
+    def _start(self, watcher: threading.Thread, deadline: float | None) -> int:
+        """Record the run's start; its id.
+
+        On SQLite that waits for another process's writer, which a stop or
+        the deadline ends like the wait of a page, before anything is done.
+        """
+        try:
+            with store.lock_waits_end_on(self.stop):
+                self.run_id = runs.start_run(
+                    self.engine, self.kind, lease=self.config.locks.lease
+                )
+        except BaseException as exc:
+            self.stop.set()
+            watcher.join()
+            if isinstance(exc, RunInterrupted):
+                raise self._not_begun(deadline) from None
+            raise
+        return self.run_id
+
+    def _not_begun(self, deadline: float | None) -> RunNotBegun:
+        waiting = "while waiting for another writer of the database"
+        if self.halted_by == "deadline":
+            return RunNotBegun(
+                f"deadline exceeded: the run had not begun after {deadline:g} s "
+                f"(schedule.deadline), {waiting}",
+                exit_code=EXIT_CODES["failed"],
+            )
+        return RunNotBegun(
+            f"stopped before the run began, {waiting}", exit_code=EXIT_CODES["stopped"]
+        )
+
     def _watch(
         self, stop: threading.Event | None, deadline: float | None
     ) -> threading.Thread:
         """Halt the walks when a stop is requested or the deadline passes."""
         ends = time.monotonic() + deadline if deadline else float("inf")
 
-        run_id = self.run_id
         if stop is not None and stop.is_set():
             # Stopped already, during a backfill's check of its selectors:
             # the run asks the platform for nothing more.
@@ -341,7 +370,7 @@ class _Run:
             while not self.stop.wait(POLL_SECONDS):
                 if stop is not None and stop.is_set():
                     self.halted_by = "stopped"
-                    log.info("run %s: stopping after the pages being written", run_id)
+                    log.info("stopping the run after the pages being written")
                 elif time.monotonic() >= ends:
                     self.halted_by = "deadline"
                 else:

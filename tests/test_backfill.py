@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import Engine, func, select, text
 from synced import sync_config
-from writers import LockAfterFirstPage
+from writers import LockAfterFirstPage, other_writer
 
 from etl import locks, store
 from etl.accounts import Account
@@ -24,7 +24,7 @@ from etl.config import (
     LocksConfig,
     MainAccount,
 )
-from etl.errors import ArchiveError, ConfigError
+from etl.errors import ArchiveError, ConfigError, RunNotBegun
 from etl.models import (
     accounts,
     daily_status_rollup,
@@ -579,6 +579,34 @@ def test_a_stop_drops_the_replayed_page_waiting_for_another_writer(
     assert count(engine, tasks) == writer.stored_then
     replay_archive(config, root, engine=engine)
     assert sorted_snapshot(engine) == sorted_snapshot(live)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_stop_ends_the_wait_of_a_replay_for_another_writer_before_it_began(
+    tmp_path: Path,
+    simulator: Simulator,
+    server: SimServer,
+    live: Engine,
+    engine: Engine,
+    db_url: str,
+) -> None:
+    # Recording the replay's start waited out the busy timeout, 30 s here,
+    # and the replay then began after the stop.
+    root = tmp_path / "archive"
+    live_history(server, simulator, live, root)
+    holder = other_writer(db_url)
+    holder.execute("BEGIN IMMEDIATE")
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+
+    config = make_config(server, simulator)
+    with pytest.raises(RunNotBegun, match="^stopped before the replay began") as got:
+        replay_archive(config, root, engine=engine, stop=stop)
+    holder.execute("ROLLBACK")
+    holder.close()
+
+    assert got.value.exit_code == 130
+    assert count(engine, sync_runs) == count(engine, tasks) == 0
 
 
 def test_a_replay_leaves_an_account_another_run_is_writing(

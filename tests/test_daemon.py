@@ -28,7 +28,7 @@ from writers import LockAfterFirstPage, other_writer
 from etl import config as config_module
 from etl import store
 from etl.config import ApiConfig, Config, DatabaseConfig, MainAccount
-from etl.errors import StoreError
+from etl.errors import RunNotBegun, StoreError
 from etl.models import sync_run_accounts, sync_runs, task_status_changes, tasks
 from etl.simulator import SimServer, Simulator
 from etl.sync import RunSummary, run_sync
@@ -377,6 +377,47 @@ def test_a_stop_ends_a_page_s_wait_for_another_writer(
     # and none of those that waited for it.
     assert count(engine, tasks) == writer.stored_then == summary.counts.seen
     assert summary.counts.seen < len(simulator.tasks())
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    ("halt", "code", "message"),
+    [
+        ("stop", 130, "stopped before the run began, while waiting for another"),
+        ("deadline", 1, "deadline exceeded: the run had not begun after 0.5 s"),
+    ],
+)
+def test_a_halt_ends_the_wait_of_a_run_for_another_writer_before_it_began(
+    tmp_path: Path,
+    server: SimServer,
+    simulator: Simulator,
+    db_url: str,
+    engine: Engine,
+    halt: str,
+    code: int,
+    message: str,
+) -> None:
+    # Recording the run's start waited out the busy timeout, 30 s here,
+    # whatever came meanwhile, and the run then began after the stop.
+    add_tasks(simulator, 2, only_main=True)
+    config = load(write_config(tmp_path, server, simulator, db_url))
+    holder = other_writer(db_url)
+    holder.execute("BEGIN IMMEDIATE")
+    stop = threading.Event()
+    if halt == "stop":
+        threading.Timer(0.5, stop.set).start()
+
+    began = time.monotonic()
+    with pytest.raises(RunNotBegun) as caught:
+        run_sync(config, engine=engine, stop=stop, deadline=0.5)
+    took = time.monotonic() - began
+    holder.execute("ROLLBACK")
+    holder.close()
+
+    assert str(caught.value).startswith(message)
+    assert caught.value.exit_code == code
+    assert took < 3.0
+    assert count(engine, sync_runs) == count(engine, tasks) == 0
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -262,16 +262,35 @@ def _tune_sqlite(engine: Engine, busy_timeout: float, read_only: bool) -> None:
 
 
 def _tune_postgresql(engine: Engine, database: DatabaseConfig) -> None:
-    @event.listens_for(engine, "connect")
+    # First of the listeners: SQLAlchemy's own, which reads the server's
+    # version, failed with a TypeError on a database that is not UTF-8.
+    @event.listens_for(engine, "connect", insert=True)
     def _on_connect(dbapi_connection: Any, record: Any) -> None:
         with dbapi_connection.cursor() as cursor:
+            encoding = cursor.execute("SHOW server_encoding").fetchone()[0]
             # PostgreSQL waits for a lock without end: a session holding one
             # on a table (a LOCK TABLE by hand, a long migration) hung a run.
             # No wait here is longer than SQLite's for another writer.
             wait = int(database.busy_timeout * 1000)
             cursor.execute(f"SET lock_timeout = {wait}")
         dbapi_connection.commit()
+        _refuse_encoding(database, encoding)
         record.info[_LOCK_WAIT] = database.busy_timeout
+
+
+def _refuse_encoding(database: DatabaseConfig, encoding: str | bytes) -> None:
+    """Refuse a database that cannot hold any text the platform sends.
+
+    A SQL_ASCII database stores bytes unchecked, and compares and cuts them
+    as bytes; any other but UTF8 refuses most Chinese text, page after page.
+    """
+    if isinstance(encoding, bytes):  # how psycopg reads text from SQL_ASCII
+        encoding = encoding.decode("ascii", "replace")
+    if encoding != "UTF8":
+        raise StoreError(
+            f"{database.source}: the database's encoding is {encoding}; task-etl "
+            "needs a database created with ENCODING 'UTF8'"
+        )
 
 
 def _begin_immediate(connection: Connection, busy_timeout: float) -> None:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from pgcluster import PgCluster
 
 from etl import store
 from etl.cli import main
@@ -39,13 +40,18 @@ def invoke(*args: str, token: str = "sim-token") -> Result:
 
 def status_with_database(tmp_path: Path, url: str) -> Result:
     """`status` under a configuration that names no database, given `url`."""
+    return command_with_database(tmp_path, url, "status")
+
+
+def command_with_database(tmp_path: Path, url: str, command: str) -> Result:
+    """A command under a configuration that names no database, given `url`."""
     path = tmp_path / "task-etl.toml"
     path.write_text(
         "[api]\nbase_url = 'http://127.0.0.1:9'\n[[accounts]]\nuser_id = 'u'\n",
         encoding="utf-8",
     )
     return CliRunner().invoke(
-        main, ["--config", str(path), "status"], env={"TASK_ETL_DATABASE_URL": url}
+        main, ["--config", str(path), command], env={"TASK_ETL_DATABASE_URL": url}
     )
 
 
@@ -297,3 +303,29 @@ def test_simulate_refuses_times_out_of_range_before_serving(
     assert result.exit_code == 2
     assert message in result.stderr
     assert "Simulator on" not in result.output
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("encoding", ["SQL_ASCII", "LATIN1"])
+def test_migrate_refuses_a_database_that_is_not_utf8(
+    tmp_path: Path, pg_cluster: PgCluster, encoding: str
+) -> None:
+    # SQLAlchemy's first connection to a SQL_ASCII database read the server's
+    # version as bytes, and `migrate` ended in a traceback; a LATIN1 one
+    # refused the platform's Chinese text page after page.
+    name = f"encoded_{encoding.lower()}"
+    with pg_cluster.connect_admin() as admin:
+        admin.execute(
+            f"CREATE DATABASE {name} ENCODING '{encoding}' LC_COLLATE 'C'"
+            " LC_CTYPE 'C' TEMPLATE template0"
+        )
+    try:
+        result = command_with_database(tmp_path, pg_cluster.url(name), "migrate")
+    finally:
+        pg_cluster.drop_database(name)
+
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: TASK_ETL_DATABASE_URL: the database's encoding is {encoding}; "
+        "task-etl needs a database created with ENCODING 'UTF8'\n"
+    )

@@ -35,6 +35,11 @@ _INTEGER = re.compile(r"[+-]?\d+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _UNCLEAN_TEXT = (b"\\u0000", b"NaN", b"Infinity")
 _SURROGATE_BYTES = re.compile(b"\xed[\xa0-\xbf]")
+# The spaces trimmed from the ends of ids and names: those a person, a
+# spreadsheet or a line end leaves. Python's own `strip()` also took the
+# information separators (\x1c-\x1f), NEL and the Unicode line separators,
+# by which two distinct ids may differ.
+_TRIMMED = " \t\n\r\x0b\x0c\xa0\u3000"
 # Built once: building an encoder for every item cost a third of encoding it.
 _PAYLOAD_ENCODER = json.JSONEncoder(
     sort_keys=True, ensure_ascii=False, separators=(",", ":")
@@ -388,12 +393,12 @@ def _nested_secret(item: dict[str, Any], canonical: bytes) -> bool:
 def to_text(value: Any) -> str | None:
     """Ids and names as text; empty strings and nulls both mean no value."""
     if type(value) is str:  # the usual case first: parsing calls this a lot
-        return value.strip() or None
+        return value.strip(_TRIMMED) or None
     if value is None or isinstance(value, dict | list):
         return None
     if isinstance(value, bool):
         return "true" if value else "false"
-    text = str(value).strip()
+    text = str(value).strip(_TRIMMED)
     return text or None
 
 

@@ -471,6 +471,20 @@ def test_a_stop_ends_a_page_s_wait_for_a_lock_and_writes_nothing(
     assert stored_uuids(engine) == set()
 
 
+def test_ids_that_differ_only_by_a_separator_at_an_end_are_two_tasks(
+    engine: Engine,
+) -> None:
+    # Python's strip() counts the information separators, NEL and the
+    # Unicode line separators as spaces: these five tasks were stored as one.
+    odd = ["\x1c", "\x1f", "\x85", "\u2028", "\u2029"]
+    write(engine, [item("t")] + [item(f"t{char}") for char in odd])
+
+    assert stored_uuids(engine) == {"t"} | {f"t{char}" for char in odd}
+    # The spaces a person or a line end leaves are still trimmed.
+    write(engine, [item(" \tt\u3000\xa0\r\n")], T0 + timedelta(hours=1))
+    assert len(stored_uuids(engine)) == 6
+
+
 def test_stored_times_come_back_to_the_microsecond(engine: Engine) -> None:
     first = T0 + timedelta(microseconds=123456)
     write(engine, [item("a", 2)], first)

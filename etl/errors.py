@@ -107,6 +107,10 @@ class StoreError(EtlError):
     """The database refused a write or is not at the expected schema."""
 
 
+class LockTimeoutError(StoreError):
+    """A write waited `database.busy_timeout` for a lock another writer held."""
+
+
 class ArchiveError(EtlError):
     """A file of the raw page archive could not be written or read; names it."""
 

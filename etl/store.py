@@ -51,11 +51,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from etl.accounts import Account
 from etl.config import DatabaseConfig, database_url_problem
-from etl.errors import RunInterrupted, StoreError
+from etl.errors import LockTimeoutError, RunInterrupted, StoreError
 from etl.models import groups, sync_rejects, sync_runs, task_status_changes, tasks
 from etl.parse import GroupRecord, ListedTask, TaskRecord, payload_json
 
@@ -415,6 +415,13 @@ def _is_lock_timeout(exc: Exception) -> bool:
     return isinstance(exc, psycopg.errors.LockNotAvailable)
 
 
+def _is_lock_wait(exc: Exception) -> bool:
+    """Whether `exc` ended a wait for another writer's lock that lasted the
+    busy timeout, on either database, raised by SQLAlchemy or the driver."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    return _is_busy(exc) or isinstance(orig, Exception) and _is_lock_timeout(orig)
+
+
 def _is_busy(exc: Exception) -> bool:
     if not isinstance(exc, OperationalError):
         return False
@@ -496,7 +503,8 @@ class PageWriter:
             # A value a driver cannot bind, or a query run by the driver
             # itself, raises outside SQLAlchemy's tree; it fails this page
             # like a refused statement, never the run.
-            raise StoreError(_not_written(pages, exc)) from exc
+            error = LockTimeoutError if _is_lock_wait(exc) else StoreError
+            raise error(not_written(pages, exc)) from exc
         except RunInterrupted:
             self.close()
             raise
@@ -552,9 +560,10 @@ class PageWriter:
         return plans
 
 
-def _not_written(
+def not_written(
     pages: Sequence[tuple[PageBatch, datetime | None]], exc: BaseException
 ) -> str:
+    """Why these pages were not written, naming the page if it is alone."""
     if len(pages) > 1:
         reason = _first_line(exc)
         return f"{len(pages)} pages written together were not written: {reason}"

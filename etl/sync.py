@@ -30,6 +30,7 @@ from etl.errors import (
     ArchiveError,
     EtlError,
     LockBusyError,
+    LockTimeoutError,
     RunInterrupted,
     RunNotBegun,
     StoreError,
@@ -774,6 +775,15 @@ class _Run:
                 self.run_id,
                 [(b, self.states[b.account].previous_complete) for b in pages],
             )
+        except LockTimeoutError as exc:
+            # Another writer held its lock the whole busy timeout: each page
+            # on its own would wait as long again, and so would the run.
+            reason = exc.__cause__ or exc
+            for batch in pages:
+                if not self.states[batch.account].failed:
+                    message = store.not_written([(batch, None)], reason)
+                    self._fail(batch.account, message)
+            return True
         except StoreError as exc:
             # One page's error must fail its own account only, named with
             # its page: each is written again on its own.

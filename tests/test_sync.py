@@ -1,10 +1,13 @@
 import logging
+import re
 import sys
+import time
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select
 from synced import sync_config
+from writers import TasksLock
 
 from etl import store
 from etl.config import Config, DatabaseConfig, Endpoints, MainAccount
@@ -360,3 +363,28 @@ def test_sqlite_and_postgresql_hold_the_same_rows(
 
     assert snapshots[0] == snapshots[1]
     assert len(snapshots[0]) == len(truth(simulator))
+
+
+def test_a_lock_held_past_the_busy_timeout_fails_each_account_without_more_waits(
+    simulator: Simulator, server: SimServer, pg_url: str
+) -> None:
+    # Pages written together that failed on the lock were each written again
+    # alone, and each waited the busy timeout once more: the run's wait grew
+    # with its pages, here to seven waits or more.
+    engine = store.connect(DatabaseConfig(url=pg_url, busy_timeout=1.0))
+    store.migrate(engine)
+    lock = TasksLock(pg_url)
+    lock.take()
+
+    began = time.monotonic()
+    summary = run_sync(sync_config(server, simulator), engine=engine)
+    took = time.monotonic() - began
+    lock.let_go()
+    lock.close()
+    engine.dispose()
+
+    assert (summary.outcome, summary.accounts_failed) == ("failed", 6)
+    page = re.compile(r"account \S+, endpoint \S+, page \d+: the page was not written")
+    assert len(summary.errors) == 6
+    assert all(page.match(e) and "lock timeout" in e for e in summary.errors)
+    assert took < 6.5

@@ -208,7 +208,12 @@ def connect(database: DatabaseConfig, *, read_only: bool = False) -> Engine:
         if url.drivername == "postgresql":
             # Before SQLAlchemy 2.1, a URL without a driver meant psycopg2.
             url = url.set(drivername="postgresql+psycopg")
-        engine = create_engine(url, pool_pre_ping=True)
+        # Whatever PGCLIENTENCODING or the URL say: psycopg read the
+        # server's version as bytes under SQL_ASCII, and a LATIN1
+        # connection refused the platform's Chinese text.
+        postgresql = url.drivername.startswith("postgresql")
+        utf8 = {"client_encoding": "UTF8"} if postgresql else {}
+        engine = create_engine(url, pool_pre_ping=True, connect_args=utf8)
     except (SQLAlchemyError, ValueError, ImportError) as exc:
         raise StoreError(f"{database.source}: cannot use it: {exc}") from None
     if engine.dialect.name == "sqlite":
@@ -262,8 +267,8 @@ def _tune_sqlite(engine: Engine, busy_timeout: float, read_only: bool) -> None:
 
 
 def _tune_postgresql(engine: Engine, database: DatabaseConfig) -> None:
-    # First of the listeners: SQLAlchemy's own, which reads the server's
-    # version, failed with a TypeError on a database that is not UTF-8.
+    # First of the listeners, to name the problem before SQLAlchemy's own
+    # meet it.
     @event.listens_for(engine, "connect", insert=True)
     def _on_connect(dbapi_connection: Any, record: Any) -> None:
         with dbapi_connection.cursor() as cursor:
@@ -278,14 +283,12 @@ def _tune_postgresql(engine: Engine, database: DatabaseConfig) -> None:
         record.info[_LOCK_WAIT] = database.busy_timeout
 
 
-def _refuse_encoding(database: DatabaseConfig, encoding: str | bytes) -> None:
+def _refuse_encoding(database: DatabaseConfig, encoding: str) -> None:
     """Refuse a database that cannot hold any text the platform sends.
 
     A SQL_ASCII database stores bytes unchecked, and compares and cuts them
     as bytes; any other but UTF8 refuses most Chinese text, page after page.
     """
-    if isinstance(encoding, bytes):  # how psycopg reads text from SQL_ASCII
-        encoding = encoding.decode("ascii", "replace")
     if encoding != "UTF8":
         raise StoreError(
             f"{database.source}: the database's encoding is {encoding}; task-etl "

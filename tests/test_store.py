@@ -813,6 +813,28 @@ def test_a_writer_whose_connection_ends_fails_the_page_and_goes_on(
     assert stored_uuids(store.connect(DatabaseConfig(url=pg_url))) == {"a", "c"}
 
 
+@pytest.mark.parametrize(
+    "asked", ["PGCLIENTENCODING=SQL_ASCII", "?client_encoding=latin1"]
+)
+def test_the_client_encoding_is_utf8_whatever_is_asked(
+    pg_url: str, asked: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under SQL_ASCII psycopg read the server's version as bytes, and the
+    # first connection failed with a TypeError; a LATIN1 connection refused
+    # the platform's Chinese text in the middle of a run.
+    if asked.startswith("?"):
+        pg_url += asked
+    else:
+        monkeypatch.setenv(*asked.split("="))
+    engine = store.connect(DatabaseConfig(url=pg_url))
+    store.migrate(engine)
+
+    write(engine, [item("a", name="外呼任务 ✓")])
+
+    assert task_row(engine, "a").name == "外呼任务 ✓"
+    engine.dispose()
+
+
 def test_a_postgresql_url_without_a_driver_uses_psycopg(pg_url: str) -> None:
     # Before SQLAlchemy 2.1 such a URL meant psycopg2, which is not installed.
     bare = pg_url.replace("postgresql+psycopg://", "postgresql://", 1)

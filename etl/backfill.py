@@ -22,13 +22,20 @@ from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from etl import archive, locks, rollup, runs, store
 from etl.accounts import Account
 from etl.archive import ArchivedPage, ArchivedWalk
 from etl.client import Client
 from etl.config import Config
-from etl.errors import ConfigError, EtlError, RunInterrupted, RunNotBegun
+from etl.errors import (
+    ConfigError,
+    EtlError,
+    RunInterrupted,
+    RunNotBegun,
+    StoreError,
+)
 from etl.models import accounts
 from etl.store import PageBatch, PageCounts
 from etl.sync import (
@@ -168,7 +175,11 @@ def replay_archive(
         select_accounts({w.account for w in walks}, selectors, "account in the archive")
     )
     walks = [walk for walk in walks if walk.account in chosen]
-    summary = _Replay(config, engine, progress, stop).execute(walks)
+    try:
+        summary = _Replay(config, engine, progress, stop).execute(walks)
+    except SQLAlchemyError as exc:
+        # Outside a page, as in `run_sync`: one line, not a traceback.
+        raise StoreError(f"the database failed: {store._first_line(exc)}") from exc
     # Like every run: the daily counts include what the replay stored.
     rollup.refresh_after_run(engine, config.api.zone)
     return summary

@@ -24,7 +24,7 @@ from etl.config import (
     LocksConfig,
     MainAccount,
 )
-from etl.errors import ArchiveError, ConfigError, RunNotBegun
+from etl.errors import ArchiveError, ConfigError, RunNotBegun, StoreError
 from etl.models import (
     accounts,
     daily_status_rollup,
@@ -607,6 +607,32 @@ def test_a_stop_ends_the_wait_of_a_replay_for_another_writer_before_it_began(
 
     assert got.value.exit_code == 130
     assert count(engine, sync_runs) == count(engine, tasks) == 0
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_replay_whose_start_waits_past_the_busy_timeout_fails_in_one_line(
+    tmp_path: Path,
+    simulator: Simulator,
+    server: SimServer,
+    live: Engine,
+    db_url: str,
+) -> None:
+    # It ended in SQLAlchemy's traceback.
+    root = tmp_path / "archive"
+    live_history(server, simulator, live, root)
+    impatient = store.connect(DatabaseConfig(url=db_url, busy_timeout=0.3))
+    store.migrate(impatient)
+    holder = other_writer(db_url)
+    holder.execute("BEGIN IMMEDIATE")
+
+    config = make_config(server, simulator)
+    with pytest.raises(StoreError) as caught:
+        replay_archive(config, root, engine=impatient)
+    holder.execute("ROLLBACK")
+    holder.close()
+    impatient.dispose()
+
+    assert str(caught.value) == "the database failed: database is locked"
 
 
 def test_a_replay_leaves_an_account_another_run_is_writing(

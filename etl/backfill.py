@@ -64,6 +64,8 @@ class ReplaySummary:
     walks: int
     skipped: int
     unfinished: int
+    # Of `walks`, those replayed to their end: fewer after a stop.
+    ended: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -267,7 +269,11 @@ class _Replay:
             outcome = "stopped"
         summary = self._finish(outcome, len(replayed), failed, began)
         return ReplaySummary(
-            summary, len(newer), len(walks) - len(newer), self.unfinished
+            summary,
+            len(newer),
+            len(walks) - len(newer),
+            self.unfinished,
+            self.walks_ended,
         )
 
     def _lock_accounts(

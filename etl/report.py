@@ -54,9 +54,14 @@ def describe_run(summary: RunSummary) -> str:
 
 
 def describe_replay(summary: ReplaySummary) -> str:
+    replayed = f"{summary.walks} walks replayed"
+    if summary.run.outcome == "stopped":
+        replayed = (
+            f"stopped after {summary.ended} of {summary.walks} walks (replaying "
+            "again goes on from there)"
+        )
     walks = (
-        f"Archive: {summary.walks} walks replayed, {summary.skipped} skipped as no "
-        "newer than the database"
+        f"Archive: {replayed}, {summary.skipped} skipped as no newer than the database"
     )
     if summary.unfinished:
         walks += f", {summary.unfinished} unfinished (stored without removals)"

@@ -34,7 +34,7 @@ from etl.models import (
     task_status_changes,
     tasks,
 )
-from etl.report import ProgressLine, describe_progress
+from etl.report import ProgressLine, describe_progress, describe_replay
 from etl.simulator import SimServer, Simulator
 from etl.sync import Filters, Progress, run_sync
 
@@ -577,6 +577,11 @@ def test_a_stop_drops_the_replayed_page_waiting_for_another_writer(
         (),
     )
     assert count(engine, tasks) == writer.stored_then
+    # It said every walk was replayed.
+    assert describe_replay(summary).endswith(
+        f"\nArchive: stopped after 0 of {summary.walks} walks (replaying again "
+        "goes on from there), 0 skipped as no newer than the database."
+    )
     replay_archive(config, root, engine=engine)
     assert sorted_snapshot(engine) == sorted_snapshot(live)
 

@@ -43,6 +43,7 @@ from etl.sync import (
     Filters,
     Progress,
     RunSummary,
+    describe_crash,
     interruptible_sleep,
     make_client,
     parse_page,
@@ -181,7 +182,7 @@ def replay_archive(
         summary = _Replay(config, engine, progress, stop).execute(walks)
     except SQLAlchemyError as exc:
         # Outside a page, as in `run_sync`: one line, not a traceback.
-        raise StoreError(f"the database failed: {store._first_line(exc)}") from exc
+        raise StoreError(describe_crash(exc)) from exc
     # Like every run: the daily counts include what the replay stored.
     rollup.refresh_after_run(engine, config.api.zone)
     return summary
@@ -256,7 +257,8 @@ class _Replay:
                     if self.stop.is_set():
                         break
                     self._play(event)
-        except BaseException:
+        except BaseException as exc:
+            self.errors = self.errors or [describe_crash(exc)]
             self._finish("failed", len(replayed), len(replayed), began)
             raise
 

@@ -175,12 +175,22 @@ def run_sync(
     except SQLAlchemyError as exc:
         # Outside a page (a file locked past the busy timeout, a server gone):
         # the run cannot go on, and says so in one line.
-        raise StoreError(f"the database failed: {store._first_line(exc)}") from exc
+        raise StoreError(describe_crash(exc)) from exc
     finally:
         if own_client:
             client.close()
     rollup.refresh_after_run(engine, config.api.zone)
     return summary
+
+
+def describe_crash(exc: BaseException) -> str:
+    """What a run's record says of an error that ended it outside any
+    account: the database's own words, ours, or that the run crashed."""
+    if isinstance(exc, SQLAlchemyError):
+        return f"the database failed: {store._first_line(exc)}"
+    if isinstance(exc, EtlError):
+        return str(exc)
+    return "the run crashed"
 
 
 def make_client(config: Config, sleep: Callable[[float], None] = time.sleep) -> Client:
@@ -277,7 +287,7 @@ class _Run:
         except RunInterrupted:
             self.cut_short = True
             self._end_cut_walks(deadline)
-        except BaseException:
+        except BaseException as exc:
             self.stop.set()
             runs.finish_run(
                 self.engine,
@@ -287,7 +297,7 @@ class _Run:
                 accounts_total=len(self.states),
                 accounts_failed=len(self.states),
                 pages=self.pages,
-                errors=self._errors() or ["the run crashed"],
+                errors=self._errors() or [describe_crash(exc)],
             )
             raise
         finally:

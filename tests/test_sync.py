@@ -11,6 +11,7 @@ from writers import TasksLock
 
 from etl import store
 from etl.config import Config, DatabaseConfig, Endpoints, MainAccount
+from etl.errors import StoreError
 from etl.models import accounts, sync_runs, task_status_changes, tasks
 from etl.simulator import SimServer, Simulator
 from etl.sync import Filters, run_sync
@@ -388,3 +389,27 @@ def test_a_lock_held_past_the_busy_timeout_fails_each_account_without_more_waits
     assert len(summary.errors) == 6
     assert all(page.match(e) and "lock timeout" in e for e in summary.errors)
     assert took < 6.5
+
+
+def test_a_run_ended_by_the_database_records_the_database_s_words(
+    simulator: Simulator, server: SimServer, pg_url: str
+) -> None:
+    # Another session's lock on the accounts table outlasted the busy timeout
+    # while the run registered its accounts: the run's record said only
+    # "the run crashed".
+    engine = store.connect(DatabaseConfig(url=pg_url, busy_timeout=0.5))
+    store.migrate(engine)
+    holder = engine.connect()
+    holder.exec_driver_sql("LOCK TABLE accounts IN EXCLUSIVE MODE")
+
+    with pytest.raises(StoreError) as caught:
+        run_sync(sync_config(server, simulator), engine=engine)
+    holder.rollback()
+    holder.close()
+
+    said = "the database failed: canceling statement due to lock timeout"
+    assert str(caught.value) == said
+    with engine.connect() as connection:
+        run = connection.execute(select(sync_runs)).one()
+    engine.dispose()
+    assert (run.outcome, run.error) == ("failed", said)

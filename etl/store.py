@@ -267,8 +267,8 @@ def _tune_sqlite(engine: Engine, busy_timeout: float, read_only: bool) -> None:
 
 
 def _tune_postgresql(engine: Engine, database: DatabaseConfig) -> None:
-    # First of the listeners, to name the problem before SQLAlchemy's own
-    # meet it.
+    # First of the listeners: a database in another encoding is named here
+    # before SQLAlchemy's own listeners trip over it.
     @event.listens_for(engine, "connect", insert=True)
     def _on_connect(dbapi_connection: Any, record: Any) -> None:
         with dbapi_connection.cursor() as cursor:
@@ -342,11 +342,11 @@ def _take_write_turn(
     The statements go in one query, bound by psycopg: each round trip is one
     more wait for Python's lock, and in a first sync a round trip of their
     own took 7 ms a transaction, 4 % of the run. Bound so, `then` is never
-    a prepared statement, which
-    psycopg makes of a query run five times, and for which PostgreSQL may
-    keep one plan: made while a first sync's table was still nearly empty,
-    the plan of the read of stored tasks scanned the whole table for every
-    page after it, and a first sync took twice as long.
+    a prepared statement, which psycopg makes of a query run five times,
+    and for which PostgreSQL may keep one plan: made while a first sync's
+    table was still nearly empty, the plan of the read of stored tasks
+    scanned the whole table for every page after it, and a first sync took
+    twice as long.
     """
     wait = connection.connection.info.get(_LOCK_WAIT, BUSY_TURN_SECONDS)
     turn = min(BUSY_TURN_SECONDS, wait)

@@ -28,7 +28,6 @@ from time import monotonic
 from typing import Any, NamedTuple
 
 import orjson
-import psycopg
 from sqlalchemy import (
     ColumnElement,
     Connection,
@@ -357,19 +356,23 @@ def _take_write_turn(
         f" LOCK TABLE {_WRITTEN_TABLES} IN ROW EXCLUSIVE MODE;"
         f" SET LOCAL lock_timeout = {int(wait * 1000)}; {sql}"
     )
+    # Imported here, as SQLAlchemy does: a process on SQLite never loads it.
+    from psycopg import ClientCursor
+
     driver_connection: Any = connection.connection.driver_connection
     rows: list[Any] = []
 
     def attempt() -> None:
         try:
-            with psycopg.ClientCursor(driver_connection) as cursor:
+            with ClientCursor(driver_connection) as cursor:
                 cursor.execute(take, parameters)
                 while cursor.nextset():
                     pass
                 rows.extend(cursor.fetchall())
-        except psycopg.errors.LockNotAvailable:
-            # Nothing was done but the wait: the next turn begins anew.
-            driver_connection.rollback()
+        except Exception as exc:
+            if _is_lock_timeout(exc):
+                # Nothing was done but the wait: the next turn begins anew.
+                driver_connection.rollback()
             raise
 
     _in_turns(attempt, _is_lock_timeout, wait, turn)
@@ -415,7 +418,9 @@ def lock_waits_end_on(halt: threading.Event) -> Iterator[None]:
 
 
 def _is_lock_timeout(exc: Exception) -> bool:
-    return isinstance(exc, psycopg.errors.LockNotAvailable)
+    # psycopg's LockNotAvailable, told by its code so that psycopg need not
+    # be imported.
+    return getattr(exc, "sqlstate", None) == "55P03"
 
 
 def _is_lock_wait(exc: Exception) -> bool:
@@ -497,8 +502,7 @@ class PageWriter:
             plans = self._write(run_id, pages, listed)
         except (
             SQLAlchemyError,
-            sqlite3.Error,
-            psycopg.Error,
+            self.engine.dialect.loaded_dbapi.Error,
             ValueError,
             OverflowError,
         ) as exc:
@@ -1275,7 +1279,7 @@ def mark_removals(
             missed = _set_unlisted(connection, missed, listed, previous_complete)
             gone = [row for row in flagged if row.uuid not in seen]
             gone = _remove(connection, run_id, gone, listed & _IS_FLAGGED, observed_at)
-    except (SQLAlchemyError, psycopg.Error) as exc:
+    except (SQLAlchemyError, engine.dialect.loaded_dbapi.Error) as exc:
         raise StoreError(
             f"account {account.label}: removals were not marked: {_first_line(exc)}"
         ) from exc

@@ -1,5 +1,7 @@
 import functools
 import json
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -833,6 +835,49 @@ def test_the_client_encoding_is_utf8_whatever_is_asked(
 
     assert task_row(engine, "a").name == "外呼任务 ✓"
     engine.dispose()
+
+
+SYNC_A_PAGE_INTO_SQLITE = """
+import sys
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+from etl import cli, runs, store
+from etl.accounts import Account
+from etl.config import DatabaseConfig
+from etl.parse import parse_task
+
+engine = store.connect(DatabaseConfig(url=sys.argv[1]))
+store.migrate(engine)
+account = Account("u")
+task = parse_task({"uuid": "a", "status": 2}, account, ZoneInfo("UTC"))
+page = store.PageBatch(account, "/t", 1, datetime.now(UTC), [task])
+store.write_page(engine, runs.start_run(engine, "sync"), page, None)
+store.mark_removals(engine, 1, account, {"a"}, datetime.now(UTC), None)
+print(sorted(name for name in sys.modules if name.startswith("psycopg")))
+"""
+
+
+def test_a_process_on_sqlite_never_loads_psycopg(sqlite_url: str) -> None:
+    # Imported by the store for PostgreSQL's turns, it cost every process
+    # on SQLite 3.5 MB and 0.1 s.
+    done = subprocess.run(
+        [sys.executable, "-c", SYNC_A_PAGE_INTO_SQLITE, sqlite_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+    assert done.stdout == "[]\n"
+    assert count_tasks(sqlite_url) == 1
+
+
+def count_tasks(url: str) -> int:
+    engine = store.connect(DatabaseConfig(url=url))
+    try:
+        return len(stored_uuids(engine))
+    finally:
+        engine.dispose()
 
 
 def test_a_postgresql_url_without_a_driver_uses_psycopg(pg_url: str) -> None:

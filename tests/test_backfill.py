@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import Engine, func, select, text
 from synced import sync_config
-from writers import LockAfterFirstPage, other_writer
+from writers import LockAfterFirstPage, write_lock_held
 
 from etl import locks, store
 from etl.accounts import Account
@@ -599,16 +599,15 @@ def test_a_stop_ends_the_wait_of_a_replay_for_another_writer_before_it_began(
     # and the replay then began after the stop.
     root = tmp_path / "archive"
     live_history(server, simulator, live, root)
-    holder = other_writer(db_url)
-    holder.execute("BEGIN IMMEDIATE")
     stop = threading.Event()
     threading.Timer(0.3, stop.set).start()
 
     config = make_config(server, simulator)
-    with pytest.raises(RunNotBegun, match="^stopped before the replay began") as got:
+    with (
+        write_lock_held(db_url),
+        pytest.raises(RunNotBegun, match="^stopped before the replay began") as got,
+    ):
         replay_archive(config, root, engine=engine, stop=stop)
-    holder.execute("ROLLBACK")
-    holder.close()
 
     assert got.value.exit_code == 130
     assert count(engine, sync_runs) == count(engine, tasks) == 0
@@ -627,14 +626,10 @@ def test_a_replay_whose_start_waits_past_the_busy_timeout_fails_in_one_line(
     live_history(server, simulator, live, root)
     impatient = store.connect(DatabaseConfig(url=db_url, busy_timeout=0.3))
     store.migrate(impatient)
-    holder = other_writer(db_url)
-    holder.execute("BEGIN IMMEDIATE")
 
     config = make_config(server, simulator)
-    with pytest.raises(StoreError) as caught:
+    with write_lock_held(db_url), pytest.raises(StoreError) as caught:
         replay_archive(config, root, engine=impatient)
-    holder.execute("ROLLBACK")
-    holder.close()
     impatient.dispose()
 
     assert str(caught.value) == "the database failed: database is locked"

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select
-from writers import LockAfterFirstPage, other_writer
+from writers import LockAfterFirstPage, other_writer, write_lock_held
 
 from etl import config as config_module
 from etl import store
@@ -339,13 +339,8 @@ def load(path: Path) -> config_module.Config:
 def runs_table_held(engine: Engine, db_url: str) -> Iterator[None]:
     """Another connection holding the lock a run needs to write its end."""
     if engine.dialect.name == "sqlite":
-        holder = other_writer(db_url)
-        holder.execute("BEGIN IMMEDIATE")
-        try:
+        with write_lock_held(db_url):
             yield
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
         return
     with engine.connect() as connection:
         connection.exec_driver_sql("LOCK TABLE sync_runs IN EXCLUSIVE MODE")
@@ -401,18 +396,14 @@ def test_a_halt_ends_the_wait_of_a_run_for_another_writer_before_it_began(
     # whatever came meanwhile, and the run then began after the stop.
     add_tasks(simulator, 2, only_main=True)
     config = load(write_config(tmp_path, server, simulator, db_url))
-    holder = other_writer(db_url)
-    holder.execute("BEGIN IMMEDIATE")
     stop = threading.Event()
     if halt == "stop":
         threading.Timer(0.5, stop.set).start()
 
     began = time.monotonic()
-    with pytest.raises(RunNotBegun) as caught:
+    with write_lock_held(db_url), pytest.raises(RunNotBegun) as caught:
         run_sync(config, engine=engine, stop=stop, deadline=0.5)
     took = time.monotonic() - began
-    holder.execute("ROLLBACK")
-    holder.close()
 
     assert str(caught.value).startswith(message)
     assert caught.value.exit_code == code

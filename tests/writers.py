@@ -7,6 +7,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from sqlalchemy import create_engine
 
@@ -17,6 +19,18 @@ def other_writer(sqlite_url: str) -> sqlite3.Connection:
     """A connection of the test's own, to hold SQLite's write lock with."""
     path = sqlite_url.removeprefix("sqlite:///")
     return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+
+
+@contextmanager
+def write_lock_held(sqlite_url: str) -> Iterator[None]:
+    """SQLite's write lock, held by a connection of the test's own within."""
+    holder = other_writer(sqlite_url)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
 
 
 class TasksLock:

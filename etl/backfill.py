@@ -287,6 +287,8 @@ class _Replay:
         for account in sorted({walk.account for walk in walks}, key=_key):
             try:
                 held.acquire(account)
+            except RunInterrupted:
+                break  # stopped: the accounts not locked are not replayed
             except EtlError as exc:
                 log.error("account %s failed: %s", account.label, exc)
                 self.failed.add(_key(account))

@@ -137,8 +137,9 @@ class AccountLocks(ABC):
                 self._release(account)
 
     def renew(self) -> None:
-        """Keep the held locks alive; called by the heartbeat."""
-        with self._guard:
+        """Keep the held locks alive; called by the heartbeat. A stop ends
+        its wait for another writer with `RunInterrupted`."""
+        with self._guard, store.lock_waits_end_on(self._stop):
             if self._held:
                 self._lost |= self._renew(set(self._held))
 
@@ -152,8 +153,17 @@ class AccountLocks(ABC):
             self._close()
 
     def _guarded(self, step: Callable[[Account], T], account: Account, verb: str) -> T:
+        """The step, its database errors named; a stop ends its wait for
+        another writer with `RunInterrupted`.
+
+        The step runs under the guard, which every other thread of the run
+        that takes, checks or renews a lock then waits for: it waited out
+        the busy timeout past a stop, and a page held back by it was written
+        after the stop.
+        """
         try:
-            return step(account)
+            with store.lock_waits_end_on(self._stop):
+                return step(account)
         except SQLAlchemyError as exc:
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
             raise StoreError(
@@ -447,10 +457,17 @@ class Heartbeat:
     is gone (or hung), wherever it ran: the next run marks it abandoned.
     """
 
-    def __init__(self, engine: Engine, run_id: int, locks: AccountLocks) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        run_id: int,
+        locks: AccountLocks,
+        stop: threading.Event | None = None,
+    ) -> None:
         self._engine = engine
         self._run_id = run_id
         self._locks = locks
+        self._stop = stop or threading.Event()
         self._every = locks.config.lease / 3
         self._done = threading.Event()
         self._thread = threading.Thread(
@@ -470,11 +487,16 @@ class Heartbeat:
         leave_signals_to_the_main_thread()
         while not self._done.wait(self._every):
             try:
-                runs.beat(self._engine, self._run_id)
+                # A stopped run ends soon: the end waited for a beat that
+                # waited out another writer, up to the busy timeout.
+                with store.lock_waits_end_on(self._stop):
+                    runs.beat(self._engine, self._run_id)
                 self._locks.renew()
             except SQLAlchemyError as exc:
                 # A missed beat is no harm while the lease is longer; retry.
                 log.warning("run %s: heartbeat failed: %s", self._run_id, exc)
+            except RunInterrupted:
+                continue  # stopped: the run gives its locks back next
 
 
 @contextmanager
@@ -487,7 +509,7 @@ def hold(
 ) -> Iterator[AccountLocks]:
     """Locks for one run, with its heartbeat; everything is given back after."""
     locks = open_locks(engine, config, stop=stop)
-    heartbeat = Heartbeat(engine, run_id, locks)
+    heartbeat = Heartbeat(engine, run_id, locks, stop=stop)
     heartbeat.start()
     try:
         yield locks

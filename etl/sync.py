@@ -655,6 +655,8 @@ class _Run:
         assert self.locks is not None, "locks are taken inside locks.hold()"
         try:
             self.locks.acquire(account)
+        except RunInterrupted:
+            return _WalkEnd(account, runs.now(), False, None)  # cut short
         except LockBusyError as exc:
             log.warning("%s; skipped", exc)
             return _WalkEnd(account, runs.now(), False, None, skipped=str(exc))

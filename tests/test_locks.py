@@ -15,6 +15,7 @@ from alembic import command
 from sqlalchemy import Engine, insert, text
 from sqlalchemy import select as select_rows
 from synced import sync_config
+from writers import write_lock_held
 
 from etl import locks, runs, store
 from etl.accounts import Account
@@ -24,7 +25,7 @@ from etl.config import (
     DatabaseConfig,
     LocksConfig,
 )
-from etl.errors import LockBusyError, LockLostError
+from etl.errors import LockBusyError, LockLostError, RunInterrupted
 from etl.models import account_locks, sync_run_accounts, sync_runs, tasks
 from etl.report import describe_run
 from etl.simulator import SimServer, Simulator
@@ -219,6 +220,48 @@ def test_the_heartbeat_keeps_the_run_and_its_leases_alive(engine: Engine) -> Non
     assert beats > first
     with engine.connect() as connection:
         assert connection.execute(select_rows(account_locks)).all() == []
+
+
+def test_a_stop_ends_a_wait_to_take_a_lock_for_another_writer(sqlite_url: str) -> None:
+    # Taking an account's lock writes its lease, and waited for another
+    # process's write lock up to the busy timeout whatever came meanwhile,
+    # holding the guard of the run's locks: a page's check of its own lock
+    # waited behind it past the stop, and was written after the stop.
+    engine = store.connect(DatabaseConfig(url=sqlite_url, busy_timeout=5))
+    store.migrate(engine)
+    run_id = runs.start_run(engine, "sync")
+    stop = threading.Event()
+
+    with locks.hold(engine, LocksConfig(lease=60), run_id, stop=stop) as held:
+        held.acquire(ACCOUNT)
+        with write_lock_held(sqlite_url):
+            threading.Timer(0.3, stop.set).start()
+            began = time.monotonic()
+            with pytest.raises(RunInterrupted):
+                held.acquire(Account("main-1", "sub-2"))
+            waited = time.monotonic() - began
+
+    assert waited < 2, f"taking the lock went on {waited:.1f} s"
+    engine.dispose()
+
+
+def test_a_stop_ends_the_heartbeat_s_wait_for_another_writer(sqlite_url: str) -> None:
+    # The heartbeat's wait for another process's write lock lasted the busy
+    # timeout, and the end of a stopped run waited for it.
+    engine = store.connect(DatabaseConfig(url=sqlite_url, busy_timeout=5))
+    store.migrate(engine)
+    run_id = runs.start_run(engine, "sync")
+    stop = threading.Event()
+
+    with write_lock_held(sqlite_url):
+        with locks.hold(engine, LocksConfig(lease=0.3), run_id, stop=stop):
+            time.sleep(0.4)  # the heartbeat, every 0.1 s, waits for the lock
+            stop.set()
+            began = time.monotonic()
+        ended = time.monotonic() - began
+
+    assert ended < 2, f"the run's locks were given back after {ended:.1f} s"
+    engine.dispose()
 
 
 def wait_for_heartbeat(engine: Engine, after: datetime) -> datetime:

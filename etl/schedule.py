@@ -43,7 +43,7 @@ from sqlalchemy import Engine
 
 from etl import store
 from etl.config import Config, ScheduleConfig
-from etl.errors import EtlError, bare_traceback
+from etl.errors import EtlError, RunNotBegun, bare_traceback
 from etl.sync import run_sync
 from etl.threads import leave_signals_to_the_main_thread
 
@@ -364,7 +364,10 @@ class Daemon:
                 deadline=self.schedule.deadline,
             )
         except EtlError as exc:
-            log.error("the run failed: %s; the daemon goes on", exc)
+            if isinstance(exc, RunNotBegun) and self.stop.is_set():
+                log.info("%s", exc)  # the daemon is stopping, not going on
+            else:
+                log.error("the run failed: %s; the daemon goes on", exc)
         except Exception as exc:
             log.error("the run crashed; the daemon goes on\n%s", bare_traceback(exc))
         finally:

@@ -485,6 +485,31 @@ def test_a_second_signal_exits_at_once_while_another_writer_holds_sqlite(
     assert "second SIGTERM: exiting at once" in run_process.log
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_daemon_stopped_before_its_run_began_says_so_and_stops(
+    tmp_path: Path,
+    server: SimServer,
+    simulator: Simulator,
+    db_url: str,
+    engine: Engine,
+    started: Callable[..., Daemon],
+) -> None:
+    # It logged "the run failed: stopped before the run began ...; the
+    # daemon goes on", and then stopped.
+    path = write_config(tmp_path, server, simulator, db_url)
+    with write_lock_held(db_url):
+        daemon = started(path)
+        wait_until(lambda: "daemon started" in daemon.log, "the daemon started")
+        time.sleep(1.0)  # its first run now waits for the lock to begin
+        code = daemon.stop(signal.SIGTERM)
+
+    assert code == 0, daemon.log
+    assert "stopped before the run began" in daemon.log
+    assert "the daemon goes on" not in daemon.log
+    assert "daemon stopped" in daemon.log
+    assert all_runs(engine) == []
+
+
 def test_two_daemons_never_walk_the_same_account_at_once(
     tmp_path: Path,
     server: SimServer,

@@ -19,13 +19,16 @@ import logging
 import math
 import random
 import re
+import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from functools import cache
 from typing import Any
 from urllib.parse import quote
 
@@ -37,6 +40,7 @@ from etl.accounts import Account
 from etl.config import ApiConfig
 from etl.errors import ApiError, FatalApiError, PageLimitError, RetryableApiError
 from etl.parse import read_json
+from etl.threads import leave_signals_to_the_main_thread
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +282,36 @@ class Client:
     ) -> tuple[dict[str, Any], bytes]:
         self._limiter.acquire()
         started = time.monotonic()
+        budget = self._answer_budget
+        with _ANSWERS.within(budget) as answer:
+            try:
+                response, body = self._receive(call, url, query, auth, started)
+            except ApiError:
+                if not answer.cut:
+                    raise
+        # Cut short, the answer may also end early and look whole: a read
+        # of headers or body then sees the end of the stream.
+        if answer.cut:
+            raise call.retryable(
+                f"the answer did not arrive whole in {budget:g} s{self._proxy_note}"
+            )
+        self._check_status(call, response)
+        return self._check_envelope(call, response), body
+
+    @property
+    def _answer_budget(self) -> float:
+        """How long a whole answer may take, from sending the request."""
+        return self.api.connect_timeout + 2 * self.api.read_timeout
+
+    def _receive(
+        self,
+        call: _Call,
+        url: str,
+        query: dict[str, Any],
+        auth: _BearerAuth,
+        started: float,
+    ) -> tuple[requests.Response, bytes]:
+        """The answer to one request and its whole body."""
         try:
             response = self._session.get(
                 url,
@@ -311,19 +345,19 @@ class Client:
                 f"{self._proxy_note}"
             ) from None
         _log_request(call, response.status_code, started)
-
-        self._check_status(call, response)
-        return self._check_envelope(call, response), body
+        return response, body
 
     def _read_body(
         self, call: _Call, response: requests.Response, started: float
     ) -> bytes:
-        """The whole body, arrived within connect_timeout + 2 x read_timeout.
+        """The whole body, arrived within `_answer_budget` of `started`.
 
         The read timeout bounds each wait for the next bytes, not the whole
         answer: a server dripping a byte at a time would hold a walk for ever.
+        The body is checked here as it comes; `_ANSWERS` cuts an answer that
+        never gets this far.
         """
-        budget = self.api.connect_timeout + 2 * self.api.read_timeout
+        budget = self._answer_budget
         # read1 returns what has arrived; plain read (urllib3 1.x) waits for
         # a whole chunk, so the bound is then checked a chunk at a time.
         read = getattr(response.raw, "read1", None) or response.raw.read
@@ -749,10 +783,128 @@ class Walk:
         )
 
 
+class _Answer:
+    """One request in flight, and the connection it went out on."""
+
+    def __init__(self, ends: float) -> None:
+        self.ends = ends
+        self.connection: Any = None
+        self.cut = False
+
+    def cut_short(self) -> None:
+        """End the wait for the answer: a blocked read returns at once."""
+        self.cut = True
+        sock = getattr(self.connection, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed already
+
+
+class _AnswerWatch:
+    """Cuts short the answers that outlast their budget.
+
+    The read timeout bounds each wait for the next bytes: a server sending
+    its status line or headers a byte at a time held a walk until the run's
+    deadline, before any body could be checked. A thread looks at the
+    requests in flight a few times a second and shuts the socket of any
+    whose time is up, which ends the read blocked on it.
+    """
+
+    def __init__(self, every: float = 0.25) -> None:
+        self._every = every
+        self._lock = threading.Lock()
+        self._in_flight: set[_Answer] = set()
+        self._local = threading.local()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def within(self, seconds: float) -> Iterator[_Answer]:
+        """Watch the request this thread sends within: cut it short after
+        `seconds`."""
+        answer = _Answer(time.monotonic() + seconds)
+        self._local.answer = answer
+        with self._lock:
+            self._in_flight.add(answer)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._watch, name="answer-watch", daemon=True
+                )
+                self._thread.start()
+        try:
+            yield answer
+        finally:
+            self._local.answer = None
+            with self._lock:
+                self._in_flight.discard(answer)
+
+    def sending(self, connection: Any) -> None:
+        """Called in the thread sending a request, with its connection."""
+        answer: _Answer | None = getattr(self._local, "answer", None)
+        if answer is not None:
+            answer.connection = connection
+
+    def _watch(self) -> None:
+        # Never ends: one thread serves every client of the process, and it
+        # only sleeps while no request is in flight.
+        leave_signals_to_the_main_thread()
+        while True:
+            time.sleep(self._every)
+            now = time.monotonic()
+            # Under the lock: an answer done is no longer in flight, and its
+            # connection, back in the pool, may carry another's request.
+            # Again at every look: a connection still being made has no
+            # socket to shut yet.
+            with self._lock:
+                for answer in self._in_flight:
+                    if answer.ends <= now:
+                        answer.cut_short()
+
+
+_ANSWERS = _AnswerWatch()
+
+
+class _WatchedAdapter(HTTPAdapter):
+    """requests' adapter, its connections known to `_ANSWERS` as they send."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        _watch_pools(self.poolmanager)
+
+    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        _watch_pools(manager)
+        return manager
+
+
+def _watch_pools(manager: Any) -> None:
+    """Make the connection pools of a urllib3 manager watched ones; its own
+    kinds of pools (plain, TLS, through a SOCKS proxy) stay what they are."""
+    manager.pool_classes_by_scheme = {
+        scheme: _watched_pool(pool)
+        for scheme, pool in manager.pool_classes_by_scheme.items()
+    }
+
+
+@cache
+def _watched_pool(pool: type[Any]) -> type[Any]:
+    if getattr(pool, "watched", False):
+        return pool
+    connection = pool.ConnectionCls
+
+    def request(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _ANSWERS.sending(self)
+        return connection.request(self, *args, **kwargs)
+
+    watched = type(connection.__name__, (connection,), {"request": request})
+    return type(pool.__name__, (pool,), {"ConnectionCls": watched, "watched": True})
+
+
 def _open_session(api: ApiConfig) -> requests.Session:
     session = requests.Session()
     # Walks of several accounts share the client: keep a live connection each.
-    adapter = HTTPAdapter(pool_maxsize=max(api.parallelism, 1), max_retries=0)
+    adapter = _WatchedAdapter(pool_maxsize=max(api.parallelism, 1), max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     session.headers.update(

@@ -31,6 +31,7 @@ class Reply:
     headers: tuple[tuple[str, str], ...] = ()
     delay: float = 0.0
     drip: float = 0.0  # seconds between the bytes of the body
+    drip_head: float = 0.0  # seconds between the bytes of the status and headers
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,9 @@ def _handler(platform: Platform) -> type[BaseHTTPRequestHandler]:
                 pass  # the client stopped waiting: a timeout test
 
         def _send(self, reply: Reply) -> None:
+            if reply.drip_head:
+                self._drip_head(reply)
+                return
             self.send_response(reply.status)
             headers = dict(reply.headers)
             headers.setdefault("Content-Type", "application/json")
@@ -155,6 +159,17 @@ def _handler(platform: Platform) -> type[BaseHTTPRequestHandler]:
             for offset in range(len(reply.body)):
                 self.wfile.write(reply.body[offset : offset + 1])
                 time.sleep(reply.drip)
+
+        def _drip_head(self, reply: Reply) -> None:
+            head = (
+                f"HTTP/1.1 {reply.status} OK\r\nContent-Type: application/json\r\n"
+                f"X-Padding: {'x' * 1000}\r\n"
+                f"Content-Length: {len(reply.body)}\r\n\r\n"
+            ).encode()
+            for offset in range(len(head)):
+                self.wfile.write(head[offset : offset + 1])
+                time.sleep(reply.drip_head)
+            self.wfile.write(reply.body)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass

@@ -779,6 +779,24 @@ def test_a_body_dripping_in_slower_than_its_bound_is_cut_and_retried(
     assert "the answer did not arrive whole in 1.1 s" in summary.errors[0]
 
 
+def test_headers_dripping_in_slower_than_the_bound_are_cut_and_retried(
+    platform: Platform, engine: Engine
+) -> None:
+    # The bound was checked only as the body came: headers sent a byte at a
+    # time, each within the read timeout, held the walk until the run's
+    # deadline (here each answer's headers would take 10 s).
+    dripping = Reply(body=envelope(tasks(1, 3)), drip_head=0.01)
+    began = time.monotonic()
+
+    summary = fails_u1_only(
+        platform, engine, dripping, read_timeout=0.3, connect_timeout=0.5
+    )
+
+    assert platform.pages_asked("u1") == [1] * (MAX_RETRIES + 1)
+    assert "the answer did not arrive whole in 1.1 s" in summary.errors[0]
+    assert time.monotonic() - began < 10
+
+
 def test_a_stall_then_an_answer_succeeds(platform: Platform, engine: Engine) -> None:
     platform.script(
         "u1",

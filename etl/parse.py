@@ -200,7 +200,10 @@ def identify_task(item: Any, account: Account, zone: tzinfo) -> ListedTask:
     """
     if not isinstance(item, dict):
         raise RejectedItem(f"item is {type(item).__name__}, not an object")
-    uuid = to_text(clean(item.get("uuid")))
+    given = item.get("uuid")
+    if type(given) is str and ("\x00" in given or not given.isascii()):
+        _refuse_unstorable(given)
+    uuid = to_text(clean(given))
     if uuid is None:
         reason = "uuid is missing" if "uuid" not in item else "uuid is empty or null"
         raise RejectedItem(reason)
@@ -216,6 +219,18 @@ def identify_task(item: Any, account: Account, zone: tzinfo) -> ListedTask:
         needs_cleaning=needs_cleaning,
         canonical=canonical,
     )
+
+
+def _refuse_unstorable(uuid: Any) -> None:
+    """Refuse a uuid that no database can store as given.
+
+    Cleaning drops a NUL and replaces a lone surrogate, and two ids that
+    differ only by those became one task: the other was lost, unseen.
+    """
+    if clean(uuid) != uuid:
+        raise RejectedItem(
+            "uuid holds a NUL or a lone surrogate, which cannot be stored"
+        )
 
 
 def _identity(value: dict[str, Any]) -> tuple[bytes, bool]:

@@ -9,6 +9,7 @@ the endpoint and the page, and fails that account only.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sqlite3
 import threading
@@ -291,6 +292,29 @@ def test_items_without_uuid_are_rejected_and_the_rest_stored(
     assert {(r.user_id, r.endpoint, r.page) for r in rejects} == {("u1", TASK_LIST, 1)}
     assert all(r.item["name"] in ("任务7", "任务8") for r in rejects)
     assert run_row(engine, summary.run_id).rejected == 2
+
+
+def test_ids_that_only_a_nul_or_a_lone_surrogate_tells_apart_are_refused(
+    platform: Platform, engine: Engine
+) -> None:
+    # Cleaning dropped the NUL and replaced the surrogate, so "t-1",
+    # "t-\0" + "1" and "t-\ud800" + "1" were stored as one task: the
+    # others were lost, with no reject and no warning.
+    unstorable = ["t-\x001", "t-\ud8001", "t-\udc001", "\x00t-1"]
+    items = [task(1, uuid="t-1")] + [task(2, uuid=uuid) for uuid in unstorable]
+    # Escaped as JSON writes them, \u0000 and \ud800.
+    body = {"code": 200, "status": "success", "data": items}
+    platform.serve_pages("u1", json.dumps(body).encode())
+
+    summary = sync(platform.url, engine)
+
+    assert listed(engine) == {"t-1"}
+    with engine.connect() as connection:
+        rejects = connection.execute(select(sync_rejects)).all()
+    assert [r.reason for r in rejects] == [
+        "uuid holds a NUL or a lone surrogate, which cannot be stored"
+    ] * len(unstorable)
+    assert run_row(engine, summary.run_id).rejected == len(unstorable)
 
 
 @pytest.mark.parametrize("first_sync", [True, False], ids=["first", "re-sync"])

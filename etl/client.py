@@ -419,9 +419,15 @@ class Client:
         status = response.status_code
         try:
             envelope = read_json(response.content)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise call.retryable(
                 "the body is not JSON or is cut short", status
+            ) from None
+        except RecursionError:
+            # Whole JSON too: a cut-short body is never deeper than whole.
+            raise call.fatal(
+                "the body nests deeper than Python can read (about 1,000 levels)",
+                status,
             ) from None
         except ValueError:
             # Whole JSON that Python will not read, such as an integer of

@@ -757,6 +757,21 @@ def test_a_number_too_long_to_read_fails_at_once(
     assert "the body holds a value Python cannot read" in summary.errors[0]
 
 
+def test_a_body_nested_too_deep_to_read_fails_at_once(
+    platform: Platform, engine: Engine
+) -> None:
+    # It was retried as if cut short, and said so, though every answer
+    # would be the same.
+    deep = b"[" * 3000 + b"]" * 3000
+    body = envelope(tasks(1, 2)).replace(b'"status": 2', b'"status": ' + deep, 1)
+    assert deep in body
+
+    summary = fails_u1_only(platform, engine, Reply(200, body))
+
+    assert platform.pages_asked("u1") == [1]
+    assert "the body nests deeper than Python can read" in summary.errors[0]
+
+
 @pytest.mark.parametrize(
     "fields",
     [

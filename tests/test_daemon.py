@@ -429,7 +429,9 @@ def test_a_stop_lets_the_account_locks_go_without_waiting_for_another_writer(
     )
     impatient = store.connect(config.database)
     stop = threading.Event()
-    writer = LockAfterFirstPage(db_url, stop, hold=15.0)
+    # Once both accounts' locks are held: now and then the sub-account's
+    # was still to be taken when the first page was stored, and never was.
+    writer = LockAfterFirstPage(db_url, stop, hold=15.0, accounts_locked=2)
 
     with (
         caplog.at_level(logging.WARNING, logger="etl.locks"),

@@ -45,6 +45,14 @@ class TasksLock:
             self.engine = create_engine(db_url)
             self.connection = self.engine.connect()
 
+    def rows(self, table: str) -> int:
+        """The rows of `table`, read without taking any lock."""
+        query = f"SELECT count(*) FROM {table}"
+        if self.sqlite:
+            return int(self.holder.execute(query).fetchone()[0])
+        with self.engine.connect() as connection:
+            return int(connection.exec_driver_sql(query).scalar_one())
+
     def take(self) -> int:
         """Lock the table; the tasks stored then."""
         if self.sqlite:
@@ -72,19 +80,31 @@ class LockAfterFirstPage:
     """A run's progress callback: once the first page is stored, another
     connection takes the lock writes need, `stop` is set 0.3 s later, and
     the lock is let go after `hold` seconds, long after a stopped run has
-    given up waiting."""
+    given up waiting. With `accounts_locked`, it waits for the first page
+    stored once the run holds that many accounts' locks."""
 
-    def __init__(self, db_url: str, stop: threading.Event, hold: float = 3.0) -> None:
+    def __init__(
+        self,
+        db_url: str,
+        stop: threading.Event,
+        hold: float = 3.0,
+        accounts_locked: int = 0,
+    ) -> None:
         self.lock = TasksLock(db_url)
         self.stop = stop
         self.hold = hold
+        self.accounts_locked = accounts_locked
         # The tasks stored when the lock was taken, and when `stop` is set.
         self.stored_then: int | None = None
         self.stopped_at: float | None = None
         self.letting_go: threading.Timer | None = None
 
     def __call__(self, progress: Progress) -> None:
-        if progress.pages != 1 or self.stored_then is not None:
+        if progress.pages < 1 or self.stored_then is not None:
+            return
+        if self.accounts_locked and self.lock.rows("account_locks") < (
+            self.accounts_locked
+        ):
             return
         self.stored_then = self.lock.take()
         self.stopped_at = time.monotonic() + 0.3

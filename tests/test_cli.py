@@ -1,5 +1,9 @@
+import signal
 import socket
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -329,3 +333,19 @@ def test_migrate_refuses_a_database_that_is_not_utf8(
         f"Error: TASK_ETL_DATABASE_URL: the database's encoding is {encoding}; "
         "task-etl needs a database created with ENCODING 'UTF8'\n"
     )
+
+
+def test_a_ctrl_c_while_the_command_loads_ends_it_without_a_traceback() -> None:
+    # Loading the command takes about a second, and a Ctrl-C then printed a
+    # traceback of the imports.
+    command = Path(sys.executable).parent / "task-etl"
+    process = subprocess.Popen(
+        [str(command), "--version"], stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(0.2)  # the interpreter is up, the command's modules loading
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+
+    assert "Traceback" not in err
+    # Stopped, or ended by the signal if it came before Python's handler.
+    assert process.returncode in (130, -signal.SIGINT), err

@@ -14,6 +14,7 @@ import importlib
 import json
 import logging
 import math
+import operator
 import os
 import sqlite3
 import threading
@@ -24,6 +25,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from itertools import islice
 from time import monotonic
 from typing import Any, NamedTuple
 
@@ -1201,15 +1203,24 @@ class SeenIds:
     def __contains__(self, uuid: object) -> bool:
         if not isinstance(uuid, str):
             return False
-        if not self._is_sorted:
-            self._digests = array("q", sorted(self._digests))
-            self._is_sorted = True
+        self._sort()
         key = _digest(uuid)
         at = bisect_left(self._digests, key)
         return at < len(self._digests) and self._digests[at] == key
 
     def __len__(self) -> int:
         return len(self._digests)
+
+    def repeats(self) -> int:
+        """How many of the ids were listed again after their first time."""
+        self._sort()
+        digests = self._digests
+        return sum(map(operator.eq, digests, islice(digests, 1, None)))
+
+    def _sort(self) -> None:
+        if not self._is_sorted:
+            self._digests = array("q", sorted(self._digests))
+            self._is_sorted = True
 
 
 def _digest(uuid: str) -> int:

@@ -840,6 +840,8 @@ class _Run:
         if end.error and not state.failed:
             self._fail(end.account, end.error)
         complete = end.complete and not state.failed and self.filters.is_empty
+        if complete:
+            complete = self._listed_each_once(end.account, state)
         # One moment for the end marker, the removals and the account's
         # record, so that a replay of the archive reproduces all three.
         ended = runs.now()
@@ -875,6 +877,27 @@ class _Run:
         state.seen = store.SeenIds()
         self.walks_ended += 1
         self._report_progress()
+
+    def _listed_each_once(self, account: Account, state: _AccountState) -> bool:
+        """Whether the walk listed no task twice; if it did, it says so.
+
+        A list whose order is not stable between pages (ties in its sort
+        key, or a task moved while the walk went on) shows one task twice,
+        on pages that need not be next to each other, and hides another
+        one, with every page full and the total adding up: such a walk
+        must mark no task removed.
+        """
+        repeats = state.seen.repeats()
+        if repeats:
+            log.warning(
+                "account %s, endpoint %s: the walk listed tasks it had listed"
+                " already (%s time(s)); the list shifted or its order is not"
+                " stable, so this walk marks no removals",
+                account.label,
+                self.config.api.endpoints.task_list,
+                repeats,
+            )
+        return not repeats
 
     def _settle(self, account: Account, state: _AccountState, ended: datetime) -> int:
         """Settle the removals after a complete walk; the count removed.

@@ -1086,6 +1086,34 @@ def test_a_list_that_shifts_during_a_walk_has_no_live_task_removed(
     assert history(engine, "task-2") == [("first_seen", None, 2), ("removed", 2, None)]
 
 
+@pytest.mark.parametrize("place", ["same-page", "later-page"])
+def test_a_walk_that_lists_a_task_twice_marks_no_removal(
+    platform: Platform, engine: Engine, place: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A list sorted on a key with ties can show one task twice and hide
+    # another, every page full and the total adding up: listed so twice in
+    # a row, the hidden task was marked removed, with no warning.
+    platform.serve_pages("u1", *pages_of(tasks(1, 9), total=9))
+    sync(platform.url, engine, page_size=3)
+    repeated = {
+        "same-page": [1, 2, 1, 4, 5, 6, 7, 8, 9],
+        "later-page": [1, 2, 3, 4, 5, 6, 7, 8, 2],
+    }[place]
+    platform.serve_pages("u1", *pages_of([task(n) for n in repeated], total=9))
+
+    with caplog.at_level(logging.WARNING, logger="etl.sync"):
+        runs = [sync(platform.url, engine, page_size=3) for _ in range(2)]
+
+    assert [run.counts.removed for run in runs] == [0, 0]
+    assert listed(engine) == uuids(1, 9)
+    warnings = [
+        r.getMessage() for r in caplog.records if "listed already" in r.getMessage()
+    ]
+    assert len(warnings) == 2
+    assert warnings[0].startswith(f"account u1, endpoint {TASK_LIST}: ")
+    assert all(account_row(engine, "u1").last_outcome == "succeeded" for _ in runs)
+
+
 def pages_of(items: list[dict[str, Any]], total: int, size: int = 3) -> list[bytes]:
     last = -(-total // size)
     return [

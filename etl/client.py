@@ -46,6 +46,12 @@ log = logging.getLogger(__name__)
 
 TASK_STATUSES = (1, 2, 3)
 _CHUNK = 64 * 1024
+# What a body may hold: an item of the list takes about a kilobyte, and a
+# body far past a page's worth is a fault of the server or of something
+# between. Read whole, an endless body took a run's memory to 445 MB within
+# its time bound, and a 300 MB one to 890 MB.
+_BODY_FLOOR = 16 * 2**20
+_BODY_PER_ITEM = 64 * 1024
 MESSAGE_LIMIT = 200
 _URL = re.compile(r"[a-z][a-z0-9+.-]*://\S*", re.IGNORECASE)
 _DIGITS = re.compile(r"[0-9]+")
@@ -358,14 +364,24 @@ class Client:
         never gets this far.
         """
         budget = self._answer_budget
+        largest = max(_BODY_FLOOR, self.api.page_size * _BODY_PER_ITEM)
         # read1 returns what has arrived; plain read (urllib3 1.x) waits for
         # a whole chunk, so the bound is then checked a chunk at a time.
         read = getattr(response.raw, "read1", None) or response.raw.read
         chunks: list[bytes] = []
+        size = 0
         with response:
             try:
                 while chunk := read(_CHUNK, decode_content=True):
                     chunks.append(chunk)
+                    size += len(chunk)
+                    if size > largest:
+                        raise call.fatal(
+                            f"the body passed {largest / 2**20:g} MB, far more than"
+                            f" a page of {self.api.page_size} items; it was not"
+                            " read to its end",
+                            response.status_code,
+                        )
                     if time.monotonic() - started > budget:
                         raise call.retryable(
                             f"the answer did not arrive whole in {budget:g} s"

@@ -757,6 +757,23 @@ def test_a_number_too_long_to_read_fails_at_once(
     assert "the body holds a value Python cannot read" in summary.errors[0]
 
 
+def test_a_body_far_larger_than_a_page_fails_at_once_unread(
+    platform: Platform, engine: Engine
+) -> None:
+    # Read whole, an endless body took a run's memory to hundreds of MB.
+    # Page size 15: the floor of 16 MB applies.
+    huge = envelope(tasks(1, 2)).replace(
+        b'"status": 2', b'"status": "' + b"x" * 2**24 + b'"', 1
+    )
+
+    summary = fails_u1_only(platform, engine, Reply(200, huge))
+
+    assert platform.pages_asked("u1") == [1]
+    assert (
+        "the body passed 16 MB, far more than a page of 15 items" in summary.errors[0]
+    )
+
+
 def test_a_body_nested_too_deep_to_read_fails_at_once(
     platform: Platform, engine: Engine
 ) -> None:

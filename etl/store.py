@@ -1461,6 +1461,7 @@ def migrate(engine: Engine) -> tuple[str | None, str]:
 
     config = _alembic_config()
     before = schema_revision(engine)
+    _refuse_unknown_schema(engine, before)
     try:
         with engine.begin() as connection:
             config.attributes["connection"] = connection
@@ -1475,6 +1476,41 @@ def migrate(engine: Engine) -> tuple[str | None, str]:
     if before != after:
         log.info("database migrated from %s to %s", before or "empty", after)
     return before, after or ""
+
+
+def _refuse_unknown_schema(engine: Engine, current: str | None) -> None:
+    """Refuse a schema that `migrate` cannot bring to the head: a revision
+    this version does not know, or task-etl's tables without the record of
+    their revision. `migrate` failed on either in words that did not say
+    what was wrong, after `sync` had advised running it."""
+    if current is None:
+        if _holds_tasks_table(engine):
+            raise StoreError(
+                f"the database holds task-etl's tables but no {_VERSION_TABLE},"
+                " the record of their schema, so no migration can tell where to"
+                " begin: restore the database, or migrate a new one"
+            )
+        return
+    known = _known_revisions()
+    unknown = sorted(set(current.split(", ")) - known)
+    if unknown:
+        raise StoreError(
+            f"the database is at schema {current}, which this version of"
+            " task-etl does not know (a newer version migrated it, or another"
+            f" program wrote {_VERSION_TABLE}): use a task-etl that knows it"
+        )
+
+
+def _holds_tasks_table(engine: Engine) -> bool:
+    with engine.connect().execution_options(**{_READS_ONLY: True}) as connection:
+        return bool(inspect(connection).has_table(tasks.name))
+
+
+def _known_revisions() -> set[str]:
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory.from_config(_alembic_config())
+    return {script.revision for script in scripts.walk_revisions()}
 
 
 def head_revision() -> str:
@@ -1505,10 +1541,24 @@ def schema_revision(engine: Engine) -> str | None:
                 .all()
             )
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot open the database: {_first_line(exc)}") from exc
+        raise StoreError(
+            f"cannot open the database{_where(engine)}: {_first_line(exc)}"
+        ) from exc
     # Alembic keeps one row per head: more than one means branches. A table
     # written by hand may hold anything; it is named, never a traceback.
     return ", ".join(sorted(str(value) for value in found if value is not None)) or None
+
+
+def _where(engine: Engine) -> str:
+    """Which SQLite file, for an error opening it; and why, when its
+    directory is missing (SQLite says only "unable to open database file")."""
+    path = engine.url.database
+    if engine.dialect.name != "sqlite" or not path or path == ":memory:":
+        return ""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        return f" file {path} (its directory {directory} does not exist)"
+    return f" file {path}"
 
 
 def check_schema(engine: Engine) -> None:
@@ -1523,6 +1573,7 @@ def check_schema(engine: Engine) -> None:
             )
     current, head = schema_revision(engine), SCHEMA_HEAD
     if current != head:
+        _refuse_unknown_schema(engine, current)
         raise StoreError(
             f"the database is at schema {current or 'none'}, not {head}: "
             "run `task-etl migrate` first"

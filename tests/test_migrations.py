@@ -1,4 +1,6 @@
+from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 from alembic import command
@@ -129,22 +131,65 @@ def test_an_alembic_table_written_by_hand_is_named_in_one_line(
     with pytest.raises(StoreError) as refused:
         store.check_schema(engine)
 
-    assert str(refused.value).startswith(f"the database is at schema {shown}, not ")
+    assert str(refused.value).startswith(f"the database is at schema {shown}, ")
     engine.dispose()
 
 
-def test_migrating_from_a_revision_this_version_does_not_know_fails_in_one_line(
-    db_url: str,
+@pytest.mark.parametrize("action", [store.migrate, store.check_schema])
+def test_a_revision_this_version_does_not_know_is_named_as_such(
+    db_url: str, action: Callable[[Engine], object]
 ) -> None:
+    # A sync advised running `migrate`, which then failed with "Can't locate
+    # revision identified by 'f00d'".
     engine = store.connect(DatabaseConfig(url=db_url))
     store.migrate(engine)
     with engine.begin() as connection:
         connection.execute(text("UPDATE alembic_version SET version_num = 'f00d'"))
 
     with pytest.raises(StoreError) as refused:
-        store.migrate(engine)
+        action(engine)
 
     assert str(refused.value) == (
-        "migration failed: Can't locate revision identified by 'f00d'"
+        "the database is at schema f00d, which this version of task-etl does not"
+        " know (a newer version migrated it, or another program wrote"
+        " alembic_version): use a task-etl that knows it"
+    )
+    engine.dispose()
+
+
+@pytest.mark.parametrize("action", [store.migrate, store.check_schema])
+def test_tables_without_their_revision_are_named_as_such(
+    db_url: str, action: Callable[[Engine], object]
+) -> None:
+    # A sync advised running `migrate`, which then failed with "table
+    # accounts already exists".
+    engine = store.connect(DatabaseConfig(url=db_url))
+    store.migrate(engine)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE alembic_version"))
+
+    with pytest.raises(StoreError) as refused:
+        action(engine)
+
+    assert str(refused.value).startswith(
+        "the database holds task-etl's tables but no alembic_version"
+    )
+    with engine.connect() as connection:
+        assert inspect(connection).has_table("tasks")
+    engine.dispose()
+
+
+def test_a_database_in_a_directory_that_does_not_exist_is_named(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "missing" / "etl.db"
+    engine = store.connect(DatabaseConfig(url=f"sqlite:///{path}"))
+
+    with pytest.raises(StoreError) as refused:
+        store.migrate(engine)
+
+    assert str(refused.value).startswith(
+        f"cannot open the database file {path} (its directory"
+        f" {path.parent} does not exist): "
     )
     engine.dispose()

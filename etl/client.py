@@ -40,7 +40,7 @@ from etl.accounts import Account
 from etl.config import ApiConfig
 from etl.errors import ApiError, FatalApiError, PageLimitError, RetryableApiError
 from etl.parse import read_json
-from etl.threads import leave_signals_to_the_main_thread
+from etl.threads import start_leaving_signals
 
 log = logging.getLogger(__name__)
 
@@ -853,7 +853,7 @@ class _AnswerWatch:
                 self._thread = threading.Thread(
                     target=self._watch, name="answer-watch", daemon=True
                 )
-                self._thread.start()
+                start_leaving_signals(self._thread)
         try:
             yield answer
         finally:
@@ -870,7 +870,6 @@ class _AnswerWatch:
     def _watch(self) -> None:
         # Never ends: one thread serves every client of the process, and it
         # only sleeps while no request is in flight.
-        leave_signals_to_the_main_thread()
         while True:
             time.sleep(self._every)
             now = time.monotonic()

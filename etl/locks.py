@@ -36,7 +36,7 @@ from etl.accounts import Account
 from etl.config import LocksConfig
 from etl.errors import LockBusyError, LockLostError, RunInterrupted, StoreError
 from etl.models import account_locks
-from etl.threads import leave_signals_to_the_main_thread
+from etl.threads import start_leaving_signals
 
 log = logging.getLogger(__name__)
 
@@ -475,16 +475,13 @@ class Heartbeat:
         )
 
     def start(self) -> None:
-        self._thread.start()
+        start_leaving_signals(self._thread)
 
     def stop(self) -> None:
         self._done.set()
         self._thread.join(timeout=self._every + 5)
 
     def _beat(self) -> None:
-        # In a one-off command the main thread starts it, and that thread
-        # does not block the signals for it to inherit.
-        leave_signals_to_the_main_thread()
         while not self._done.wait(self._every):
             try:
                 # A stopped run ends soon: the end waited for a beat that

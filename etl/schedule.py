@@ -45,7 +45,7 @@ from etl import store
 from etl.config import Config, ScheduleConfig
 from etl.errors import EtlError, RunNotBegun, bare_traceback
 from etl.sync import run_sync
-from etl.threads import leave_signals_to_the_main_thread
+from etl.threads import leave_signals_to_the_main_thread, start_leaving_signals
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,9 @@ class Daemon:
             | EVENT_JOB_MISSED
             | EVENT_SCHEDULER_STARTED,
         )
-        threading.Thread(target=self._stop_when_asked, name="stop", daemon=True).start()
+        start_leaving_signals(
+            threading.Thread(target=self._stop_when_asked, name="stop", daemon=True)
+        )
         log.info(
             "daemon started (pid %s): %s; each run has %s s at most%s",
             os.getpid(),
@@ -416,7 +418,6 @@ class Daemon:
             )
 
     def _stop_when_asked(self) -> None:
-        leave_signals_to_the_main_thread()
         self.stop.wait()
         self._shutdown()
 
@@ -474,7 +475,9 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
         received.append(signum)
         # The handler runs in the main thread between two bytecodes, maybe
         # inside an Event's own lock: setting one from here could deadlock.
-        threading.Thread(target=_ask_to_stop, args=(stop, name), name="stop").start()
+        start_leaving_signals(
+            threading.Thread(target=_ask_to_stop, args=(stop, name), name="stop")
+        )
 
     signals = (signal.SIGTERM, signal.SIGINT)
     previous = {number: signal.signal(number, handle) for number in signals}
@@ -486,7 +489,6 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
 
 
 def _ask_to_stop(stop: threading.Event, name: str) -> None:
-    leave_signals_to_the_main_thread()
     log.info(
         "%s received: stopping after the pages being written (a second one exits "
         "at once)",

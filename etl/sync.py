@@ -38,7 +38,7 @@ from etl.errors import (
 )
 from etl.parse import RejectedItem, clean, identify_task, to_text
 from etl.store import PageBatch, PageCounts, Reject
-from etl.threads import leave_signals_to_the_main_thread
+from etl.threads import start_leaving_signals
 
 log = logging.getLogger(__name__)
 
@@ -377,7 +377,6 @@ class _Run:
             self.stop.set()
 
         def watch() -> None:
-            leave_signals_to_the_main_thread()
             while not self.stop.wait(POLL_SECONDS):
                 if stop is not None and stop.is_set():
                     self.halted_by = "stopped"
@@ -389,7 +388,7 @@ class _Run:
                 self.stop.set()
 
         thread = threading.Thread(target=watch, name="run-watch", daemon=True)
-        thread.start()
+        start_leaving_signals(thread)
         return thread
 
     def _end_cut_walks(self, deadline: float | None) -> None:
@@ -541,7 +540,6 @@ class _Run:
         """
 
         def work_until_no_more() -> None:
-            leave_signals_to_the_main_thread()
             while not self.stop.is_set():
                 try:
                     job = self.jobs.get(timeout=POLL_SECONDS)
@@ -563,7 +561,7 @@ class _Run:
             for n in range(self.walkers)
         ]
         for thread in threads:
-            thread.start()
+            start_leaving_signals(thread)
         return threads
 
     def _discover(self, main: MainAccount) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import signal
+import threading
+
+_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def leave_signals_to_the_main_thread() -> None:
@@ -15,4 +18,22 @@ def leave_signals_to_the_main_thread() -> None:
     to the main thread and ends its wait at once.
     """
     if hasattr(signal, "pthread_sigmask"):  # not on Windows
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+
+
+def start_leaving_signals(thread: threading.Thread) -> None:
+    """Start `thread` with SIGTERM and SIGINT blocked from its first moment.
+
+    A thread inherits the signals its starter blocks. Started by the main
+    thread, one that blocked them itself took them until it got to that,
+    a moment a busy machine stretched; so the starter blocks them around
+    the start.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # not on Windows
+        thread.start()
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)

@@ -141,20 +141,13 @@ def test_a_revision_this_version_does_not_know_is_named_as_such(
 ) -> None:
     # A sync advised running `migrate`, which then failed with "Can't locate
     # revision identified by 'f00d'".
-    engine = store.connect(DatabaseConfig(url=db_url))
-    store.migrate(engine)
-    with engine.begin() as connection:
-        connection.execute(text("UPDATE alembic_version SET version_num = 'f00d'"))
+    said = refusal(db_url, "UPDATE alembic_version SET version_num = 'f00d'", action)
 
-    with pytest.raises(StoreError) as refused:
-        action(engine)
-
-    assert str(refused.value) == (
+    assert said == (
         "the database is at schema f00d, which this version of task-etl does not"
         " know (a newer version migrated it, or another program wrote"
         " alembic_version): use a task-etl that knows it"
     )
-    engine.dispose()
 
 
 @pytest.mark.parametrize("action", [store.migrate, store.check_schema])
@@ -163,20 +156,28 @@ def test_tables_without_their_revision_are_named_as_such(
 ) -> None:
     # A sync advised running `migrate`, which then failed with "table
     # accounts already exists".
+    said = refusal(db_url, "DROP TABLE alembic_version", action)
+
+    assert said.startswith(
+        "the database holds task-etl's tables but no alembic_version"
+    )
+
+
+def refusal(db_url: str, tampering: str, action: Callable[[Engine], object]) -> str:
+    """What `action` says of a migrated database after `tampering`, which
+    it leaves as it found it."""
     engine = store.connect(DatabaseConfig(url=db_url))
     store.migrate(engine)
     with engine.begin() as connection:
-        connection.execute(text("DROP TABLE alembic_version"))
+        connection.execute(text(tampering))
 
     with pytest.raises(StoreError) as refused:
         action(engine)
 
-    assert str(refused.value).startswith(
-        "the database holds task-etl's tables but no alembic_version"
-    )
     with engine.connect() as connection:
         assert inspect(connection).has_table("tasks")
     engine.dispose()
+    return str(refused.value)
 
 
 def test_a_database_in_a_directory_that_does_not_exist_is_named(

@@ -861,8 +861,9 @@ class _AnswerWatch:
             with self._lock:
                 self._in_flight.discard(answer)
 
-    def sending(self, connection: Any) -> None:
-        """Called in the thread sending a request, with its connection."""
+    def using(self, connection: Any) -> None:
+        """Called in the thread of a request, with the connection it opens or
+        sends on."""
         answer: _Answer | None = getattr(self._local, "answer", None)
         if answer is not None:
             answer.connection = connection
@@ -914,11 +915,18 @@ def _watched_pool(pool: type[Any]) -> type[Any]:
         return pool
     connection = pool.ConnectionCls
 
+    # Known as it opens too: a TLS connection through a proxy reads the
+    # proxy's answer to CONNECT before any request is sent on it.
+    def connect(self: Any) -> Any:
+        _ANSWERS.using(self)
+        return connection.connect(self)
+
     def request(self: Any, *args: Any, **kwargs: Any) -> Any:
-        _ANSWERS.sending(self)
+        _ANSWERS.using(self)
         return connection.request(self, *args, **kwargs)
 
-    watched = type(connection.__name__, (connection,), {"request": request})
+    methods = {"connect": connect, "request": request}
+    watched = type(connection.__name__, (connection,), methods)
     return type(pool.__name__, (pool,), {"ConnectionCls": watched, "watched": True})
 
 

@@ -399,6 +399,49 @@ def test_a_proxy_that_wants_credentials_for_a_tunnel_is_not_asked_again(
     )
 
 
+def test_a_proxy_dripping_its_answer_to_connect_is_cut_short(connect, monkeypatch):
+    # Before any request is sent on it, a TLS connection through a proxy
+    # reads the proxy's answer to CONNECT, each byte within the read
+    # timeout: the walk waited for it until the run's deadline.
+    with socket.create_server(("127.0.0.1", 0)) as proxy:
+        monkeypatch.delenv("NO_PROXY")
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        dripping = threading.Thread(target=drip_tunnels, args=(proxy, 2))
+        dripping.start()
+        client = connect(
+            base_url="https://platform.invalid",
+            connect_timeout=0.5,
+            read_timeout=0.3,
+            max_retries=1,
+        )
+        began = time.monotonic()
+
+        with pytest.raises(RetryableApiError) as raised:
+            get(client)
+        took = time.monotonic() - began
+        dripping.join(timeout=30)
+
+    assert "the answer did not arrive whole in 1.1 s" in str(raised.value)
+    # Each answer to CONNECT would take 20 s.
+    assert took < 6, f"took {took:.1f} s"
+
+
+def drip_tunnels(proxy: socket.socket, count: int) -> None:
+    """Answer `count` CONNECT requests a byte every 10 ms, 20 s each."""
+    answer = b"HTTP/1.1 200 Connection established\r\nX-Padding: " + b"x" * 2000
+    proxy.settimeout(10)
+    for _ in range(count):
+        connection, _ = proxy.accept()
+        with connection:
+            connection.recv(65536)
+            try:
+                for offset in range(len(answer)):
+                    connection.sendall(answer[offset : offset + 1])
+                    time.sleep(0.01)
+            except OSError:
+                pass  # the client gave up: the test's point
+
+
 def refuse_tunnels(proxy: socket.socket, count: int) -> None:
     """Answer `count` CONNECT requests with 407, as a proxy wanting a login."""
     proxy.settimeout(10)

@@ -111,6 +111,13 @@ class LockTimeoutError(StoreError):
     """A write waited `database.busy_timeout` for a lock another writer held."""
 
 
+class StopNotRecorded(StoreError):
+    """A run was stopped, and the database refused the record of the stop:
+    the command still ends as stopped."""
+
+    exit_code = 130
+
+
 class ArchiveError(EtlError):
     """A file of the raw page archive could not be written or read; names it."""
 

@@ -366,10 +366,12 @@ class Daemon:
                 deadline=self.schedule.deadline,
             )
         except EtlError as exc:
-            if isinstance(exc, RunNotBegun) and self.stop.is_set():
+            if not self.stop.is_set():
+                log.error("the run failed: %s; the daemon goes on", exc)
+            elif isinstance(exc, RunNotBegun):
                 log.info("%s", exc)  # the daemon is stopping, not going on
             else:
-                log.error("the run failed: %s; the daemon goes on", exc)
+                log.error("%s", exc)
         except Exception as exc:
             log.error("the run crashed; the daemon goes on\n%s", bare_traceback(exc))
         finally:

@@ -33,6 +33,7 @@ from etl.errors import (
     LockTimeoutError,
     RunInterrupted,
     RunNotBegun,
+    StopNotRecorded,
     StoreError,
     bare_traceback,
 )
@@ -175,6 +176,14 @@ def run_sync(
     except SQLAlchemyError as exc:
         # Outside a page (a file locked past the busy timeout, a server gone):
         # the run cannot go on, and says so in one line.
+        if run.halted_by == "stopped":
+            # Recording the stop, or the walks it cut short, which another
+            # writer held up past the busy timeout: it read as a failure of
+            # its own, exit 1.
+            raise StopNotRecorded(
+                f"stopped, but the stop could not be recorded: {describe_crash(exc)};"
+                " the next run marks this one abandoned"
+            ) from exc
         raise StoreError(describe_crash(exc)) from exc
     finally:
         if own_client:

@@ -435,7 +435,7 @@ def test_a_stop_lets_the_account_locks_go_without_waiting_for_another_writer(
 
     with (
         caplog.at_level(logging.WARNING, logger="etl.locks"),
-        pytest.raises(StoreError, match="database is locked"),
+        pytest.raises(StoreError, match="database is locked") as raised,
     ):
         run_sync(config, engine=impatient, progress=writer, stop=stop)
     took = time.monotonic() - (writer.stopped_at or 0.0)
@@ -444,6 +444,9 @@ def test_a_stop_lets_the_account_locks_go_without_waiting_for_another_writer(
 
     left = [r for r in caplog.records if "could not release" in r.getMessage()]
     assert len(left) >= 2
+    # It read as a failure of its own, exit 1.
+    assert str(raised.value).startswith("stopped, but the stop could not be recorded")
+    assert raised.value.exit_code == 130
     # Recording the stop waits the busy timeout once; no release waits.
     assert took < 2.5
     assert count(engine, tasks) == writer.stored_then

@@ -403,9 +403,15 @@ def _in_turns(
             ends = ends or now + wait - turn
             if now >= ends:
                 raise
-        halt = _lock_wait_ends_on.get()
-        if halt is not None and halt.is_set():
-            raise RunInterrupted("stopped while waiting for another writer")
+        _end_if_halted()
+
+
+def _end_if_halted() -> None:
+    """Raise `RunInterrupted` once this thread's `lock_waits_end_on` event
+    is set."""
+    halt = _lock_wait_ends_on.get()
+    if halt is not None and halt.is_set():
+        raise RunInterrupted("stopped while waiting for another writer")
 
 
 @contextmanager
@@ -535,6 +541,9 @@ class PageWriter:
             everything = [task for tasks in listed for task in tasks]
             # On PostgreSQL the read takes the writers' turn.
             stored, unchanged, flagged = _read_stored(connection, driver, everything)
+            # A wait for another writer that ended just after a stop: the
+            # pages were not yet being written, and were written after it.
+            _end_if_halted()
             plans = []
             for (batch, previous_complete), tasks in zip(pages, listed, strict=True):
                 plan = _plan(

@@ -487,6 +487,22 @@ def test_ids_that_differ_only_by_a_separator_at_an_end_are_two_tasks(
     assert len(stored_uuids(engine)) == 6
 
 
+def test_a_page_whose_transaction_begins_after_a_stop_writes_nothing(
+    engine: Engine,
+) -> None:
+    # A page that waited for another writer across a stop, in turns of
+    # 0.1 s, was written when the lock came free within the turn the stop
+    # came in.
+    halt = threading.Event()
+    halt.set()
+    run_id = runs.start_run(engine, "sync")
+
+    with store.lock_waits_end_on(halt), pytest.raises(RunInterrupted):
+        store.write_page(engine, run_id, batch([item("a")]), None)
+
+    assert stored_uuids(engine) == set()
+
+
 def test_stored_times_come_back_to_the_microsecond(engine: Engine) -> None:
     first = T0 + timedelta(microseconds=123456)
     write(engine, [item("a", 2)], first)

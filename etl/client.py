@@ -328,7 +328,7 @@ class Client:
                 allow_redirects=False,
                 stream=True,
             )
-            body = self._read_body(call, response, started)
+            body = self._read_body(call, response)
         except requests.RequestException as exc:
             _log_request(call, None, started)
             # requests' own message holds the full URL with its query.
@@ -353,20 +353,16 @@ class Client:
         _log_request(call, response.status_code, started)
         return response, body
 
-    def _read_body(
-        self, call: _Call, response: requests.Response, started: float
-    ) -> bytes:
-        """The whole body, arrived within `_answer_budget` of `started`.
+    def _read_body(self, call: _Call, response: requests.Response) -> bytes:
+        """The whole body, refused unread past what a page could hold.
 
-        The read timeout bounds each wait for the next bytes, not the whole
-        answer: a server dripping a byte at a time would hold a walk for ever.
-        The body is checked here as it comes; `_ANSWERS` cuts an answer that
-        never gets this far.
+        Its time is bounded with the rest of the answer's, by `_ANSWERS`:
+        the read timeout bounds each wait for the next bytes, and a server
+        dripping a byte at a time would hold a walk for ever.
         """
-        budget = self._answer_budget
         largest = max(_BODY_FLOOR, self.api.page_size * _BODY_PER_ITEM)
         # read1 returns what has arrived; plain read (urllib3 1.x) waits for
-        # a whole chunk, so the bound is then checked a chunk at a time.
+        # a whole chunk, so the size is then checked a chunk at a time.
         read = getattr(response.raw, "read1", None) or response.raw.read
         chunks: list[bytes] = []
         size = 0
@@ -381,11 +377,6 @@ class Client:
                             f" a page of {self.api.page_size} items; it was not"
                             " read to its end",
                             response.status_code,
-                        )
-                    if time.monotonic() - started > budget:
-                        raise call.retryable(
-                            f"the answer did not arrive whole in {budget:g} s"
-                            f"{self._proxy_note}"
                         )
             except urllib3.exceptions.ReadTimeoutError:
                 raise call.retryable(

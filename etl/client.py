@@ -28,13 +28,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
 
 from etl.accounts import Account
 from etl.config import ApiConfig
@@ -201,6 +202,7 @@ class Client:
         self._rng = rng or random.Random()
         self._limiter = limiter or RateLimiter(api.requests_per_second, sleep=sleep)
         self._session = _open_session(api)
+        self._headers = _headers()
         self._proxy_note = _proxy_note(api.base_url, self._session.proxies)
 
     def __enter__(self) -> Client:
@@ -319,15 +321,7 @@ class Client:
     ) -> tuple[requests.Response, bytes]:
         """The answer to one request and its whole body."""
         try:
-            response = self._session.get(
-                url,
-                params=query,
-                auth=auth,
-                timeout=(self.api.connect_timeout, self.api.read_timeout),
-                # A redirect could lead off the allow-list: follow none.
-                allow_redirects=False,
-                stream=True,
-            )
+            response = self._send(url, query, auth)
             body = self._read_body(call, response)
         except requests.RequestException as exc:
             _log_request(call, None, started)
@@ -352,6 +346,37 @@ class Client:
             ) from None
         _log_request(call, response.status_code, started)
         return response, body
+
+    def _send(
+        self, url: str, query: dict[str, Any], auth: _BearerAuth
+    ) -> requests.Response:
+        """GET the URL through the session's adapter, the body left unread.
+
+        `Session.get` prepares every request afresh: it merges the session's
+        settings, cookies and hooks, parses the URL and encodes the query
+        through generic paths. That was a third of a request's time in
+        Python (about 0.45 of 1.4 ms on a 2-core machine), and a walk, held
+        by Python's lock, waits for all of it. The client needs none of
+        that: its settings were merged once when the session opened, it
+        keeps no cookies, and it follows no redirect, which could lead off
+        the allow-list. The adapter still chooses the proxy, checks the
+        certificate and turns urllib3's errors into requests' own.
+        """
+        request = requests.PreparedRequest()
+        request.method = "GET"
+        request.url = _request_url(url, query)
+        request.headers = CaseInsensitiveDict(self._headers)
+        auth(request)
+        adapter = self._session.get_adapter(request.url)
+        return adapter.send(
+            request,
+            stream=True,
+            timeout=(self.api.connect_timeout, self.api.read_timeout),
+            # As the adapter reads it: any false value checks no certificate.
+            verify=self._session.verify or False,
+            cert=self._session.cert,
+            proxies=self._session.proxies,
+        )
 
     def _read_body(self, call: _Call, response: requests.Response) -> bytes:
         """The whole body, refused unread past what a page could hold.
@@ -927,9 +952,6 @@ def _open_session(api: ApiConfig) -> requests.Session:
     adapter = _WatchedAdapter(pool_maxsize=max(api.parallelism, 1), max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
-    session.headers.update(
-        {"Content-Type": "application/json", "Accept": "application/json"}
-    )
     # The proxy and CA bundle that the environment names for the platform's
     # host, read once: requests reads them again for every request, which
     # was a quarter of its time per request. Every request goes to this one
@@ -943,6 +965,13 @@ def _open_session(api: ApiConfig) -> requests.Session:
     return session
 
 
+def _headers() -> CaseInsensitiveDict[str]:
+    """The headers of every request, less its token."""
+    headers = requests.utils.default_headers()
+    headers.update({"Content-Type": "application/json", "Accept": "application/json"})
+    return headers
+
+
 def _bundle_hint(api: ApiConfig, session: requests.Session) -> str:
     """Where the CA bundle that could not be read was named, if anywhere."""
     if api.ca_bundle:
@@ -950,6 +979,29 @@ def _bundle_hint(api: ApiConfig, session: requests.Session) -> str:
     if isinstance(session.verify, str):
         return "; check the CA bundle that REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE names"
     return ""
+
+
+def _request_url(url: str, query: Mapping[str, Any]) -> str:
+    """The URL with the query, as requests would send it."""
+    normalized = _normalized(url)
+    if "?" in normalized or "#" in normalized:
+        request = requests.PreparedRequest()
+        request.prepare_url(url, query)
+        return str(request.url)
+    # requests drops a parameter whose value is None and sends a list as a
+    # repeated one; its query is then `urlencode`'s, byte for byte.
+    given = {name: value for name, value in query.items() if value is not None}
+    return f"{normalized}?{urlencode(given, doseq=True)}" if given else normalized
+
+
+@lru_cache(maxsize=1024)
+def _normalized(url: str) -> str:
+    """The URL as requests sends it (its host in IDNA, its path quoted): a
+    walk asks for the same one page after page, and preparing it took a
+    tenth of a request's time."""
+    request = requests.PreparedRequest()
+    request.prepare_url(url, None)
+    return str(request.url)
 
 
 def _paging(account: Account, page: int | None) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import requests
 
 from etl.accounts import Account
 from etl.client import SEND_LAG, Client, RateLimiter
@@ -51,6 +52,7 @@ class Seen:
     path: str
     query: dict[str, list[str]]
     headers: dict[str, str]
+    target: str = ""  # the path and query as the request line gave them
 
     @property
     def page(self) -> int:
@@ -91,7 +93,7 @@ def _handler(platform: Platform) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             url = urlsplit(self.path)
             headers = {name.lower(): value for name, value in self.headers.items()}
-            seen = Seen(url.path, parse_qs(url.query), headers)
+            seen = Seen(url.path, parse_qs(url.query), headers, self.path)
             with platform.lock:
                 platform.requests.append(seen)
                 reply = platform.respond(seen)
@@ -463,6 +465,33 @@ def test_adds_sub_user_id_and_quotes_user_id(platform, connect):
     [seen] = platform.requests
     assert seen.path == "/agent-api/user/a%20b%2Fc/task"
     assert seen.query["sub_user_id"] == ["sub-7"]
+
+
+def test_asks_for_the_very_url_requests_would_send(platform, connect):
+    # The client prepares its requests without requests' session; the
+    # path and every parameter must still be encoded as requests does.
+    platform.script(Reply(body=envelope([])))
+    account = Account("a b/ü", "sub 7&x=1#")
+    name = "回访 ~!*'()+%/?"
+
+    client = connect()
+    walk = client.walk_tasks(account, name=name, statuses=[1, 3])
+    assert [page.items for page in walk] == [()]
+
+    [seen] = platform.requests
+    params = {
+        "per_page": client.api.page_size,
+        "name": name,
+        "status": [1, 3],
+        "page": 1,
+        "sub_user_id": "sub 7&x=1#",
+    }
+    url = f"{platform.url}/agent-api/user/a%20b%2F%C3%BC/task"
+    expected = requests.Request("GET", url, params=params).prepare().path_url
+    path, _, query = seen.target.partition("?")
+    expected_path, _, expected_query = expected.partition("?")
+    assert path == expected_path
+    assert sorted(query.split("&")) == sorted(expected_query.split("&"))
 
 
 @pytest.mark.parametrize(

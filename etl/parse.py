@@ -51,6 +51,11 @@ _ORJSON_OPTIONS = (
     | orjson.OPT_PASSTHROUGH_DATETIME
     | orjson.OPT_PASSTHROUGH_DATACLASS
 )
+# datetime's methods that take keywords, `replace` and `astimezone`, cost
+# several times its arithmetic, and a first sync converts two times of
+# every task: times change zone as offsets added to these.
+UTC_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+NAIVE_EPOCH = datetime(1970, 1, 1)
 # Cleaning and redacting walk an item by recursion, two frames a level of
 # lists; an item nested deeper than this is refused, well within Python's
 # recursion limit. orjson writes no deeper than 254 levels, so only an item
@@ -472,8 +477,11 @@ def to_utc(value: Any, zone: tzinfo) -> datetime | None:
     local = _read_local(value.strip())
     if local is None:
         raise ValueError(f"not a time: {value!r}")
+    offset = zone.utcoffset(local)  # of the local time, as on the platform
     try:
-        return local.replace(tzinfo=zone).astimezone(UTC)
+        if offset is None:
+            return local.replace(tzinfo=zone).astimezone(UTC)
+        return UTC_EPOCH + (local - NAIVE_EPOCH) - offset
     except OverflowError:
         # "0001-01-01 00:00:00" east of UTC falls before year 1.
         raise ValueError(f"out of range: {value!r}") from None

@@ -58,7 +58,14 @@ from etl.accounts import Account
 from etl.config import DatabaseConfig, database_url_problem
 from etl.errors import LockTimeoutError, RunInterrupted, StoreError
 from etl.models import groups, sync_rejects, sync_runs, task_status_changes, tasks
-from etl.parse import GroupRecord, ListedTask, TaskRecord, payload_json
+from etl.parse import (
+    NAIVE_EPOCH,
+    UTC_EPOCH,
+    GroupRecord,
+    ListedTask,
+    TaskRecord,
+    payload_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -876,18 +883,18 @@ class _DriverValues:
             return None
         if moment.tzinfo is None:
             raise ValueError("naive datetime given to a UTC column")
-        moment = moment.astimezone(UTC)
         if self.times_as_text:
-            naive = moment.replace(tzinfo=None)
-            return naive.isoformat(sep=" ", timespec="microseconds")
-        return moment
+            # By arithmetic, not `astimezone` and `replace`: see UTC_EPOCH.
+            naive = NAIVE_EPOCH + (moment - UTC_EPOCH)
+            return naive.isoformat(" ", "microseconds")
+        return moment.astimezone(UTC)
 
     def read_time(self, value: Any) -> datetime | None:
         """A time as the driver reads it back, aware and in UTC."""
         if value is None:
             return None
         if self.times_as_text:
-            return datetime.fromisoformat(value).replace(tzinfo=UTC)
+            return UTC_EPOCH + (datetime.fromisoformat(value) - NAIVE_EPOCH)
         moment: datetime = value.astimezone(UTC)
         return moment
 

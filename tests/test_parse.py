@@ -297,6 +297,46 @@ def test_times_convert_from_the_configured_zone() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("zone", "value"),
+    [
+        ("Asia/Shanghai", "2026-01-02 08:46:06"),
+        ("Asia/Kathmandu", "2026-06-30 23:59:59"),
+        ("Australia/Lord_Howe", "2026-04-05 01:45:00"),  # a half-hour fold
+        ("America/New_York", "2026-03-08 02:30:00"),  # a gap: no such time
+        ("America/New_York", "2026-11-01 01:30:00"),  # a fold: twice
+        ("Europe/London", "2026-03-29 00:59:59"),
+        ("UTC", "1970-01-01 00:00:00"),
+        ("America/St_Johns", "9999-12-31 19:00:00"),
+        ("Pacific/Kiritimati", "0001-01-02 13:59:59"),
+    ],
+)
+def test_times_convert_as_datetime_s_own_zone_change_does(
+    zone: str, value: str
+) -> None:
+    # The conversion adds offsets rather than calling `astimezone`, which
+    # is slower: it must give the very same moment, gaps and folds included.
+    local = datetime.fromisoformat(value)
+    expected = local.replace(tzinfo=ZoneInfo(zone)).astimezone(UTC)
+
+    converted = to_utc(value, ZoneInfo(zone))
+
+    assert converted == expected and converted.tzinfo is UTC
+    assert converted.isoformat() == expected.isoformat()
+
+
+@pytest.mark.parametrize(
+    ("zone", "value"),
+    [
+        ("Asia/Shanghai", "0001-01-01 07:59:59"),
+        ("America/New_York", "9999-12-31 23:00:00"),
+    ],
+)
+def test_a_time_beyond_the_calendar_in_utc_is_refused(zone: str, value: str) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        to_utc(value, ZoneInfo(zone))
+
+
 @pytest.mark.parametrize("value", ["1.5", "1e3", "0x10", [], {}], ids=str)
 def test_to_int_refuses_what_is_not_an_integer(value: object) -> None:
     with pytest.raises(ValueError):

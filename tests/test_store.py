@@ -764,6 +764,35 @@ def test_times_are_stored_in_the_form_sqlalchemy_gives_them(engine: Engine) -> N
         assert value == (process(moment) if process else moment), column.name
 
 
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_times_go_to_the_driver_and_back_as_sqlalchemy_converts_them(
+    dialect: str,
+) -> None:
+    # The driver's values are made by arithmetic on the epoch, not by
+    # SQLAlchemy: any moment, in any zone, must come out as its types give.
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    engine_dialect = {"sqlite": sqlite, "postgresql": postgresql}[dialect].dialect()
+    column_type = tasks.c.created_at.type.dialect_impl(engine_dialect)
+    process = column_type.bind_processor(engine_dialect)
+    driver = store._DriverValues(dialect)
+    moments = [
+        datetime(2026, 1, 5, 1, 0, tzinfo=UTC),
+        datetime(2026, 1, 5, 9, 0, 0, 7, tzinfo=ZoneInfo("Asia/Shanghai")),
+        datetime(2026, 11, 1, 1, 30, fold=1, tzinfo=ZoneInfo("America/New_York")),
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    ]
+
+    for moment in moments:
+        value = driver.time(moment)
+        expected = process(moment.astimezone(UTC)) if process else moment
+        assert value == expected, moment
+        # In UTC: a time in a fold never equals one of another zone.
+        assert driver.read_time(value) == moment.astimezone(UTC)
+        assert driver.read_time(value).tzinfo is UTC
+
+
 def test_the_payload_is_the_cleaned_item_and_its_hash_is_kept(engine: Engine) -> None:
     items = [
         item("plain"),

@@ -392,8 +392,44 @@ def _json_module_form(value: Any) -> bytes:
 
 
 def read_json(content: bytes | str) -> Any:
-    """A body as the json module reads it, its floats `ReadFloat`s."""
+    """A body as the json module reads it, its floats `ReadFloat`s.
+
+    orjson reads a page of a hundred tasks in about a third of the time,
+    and reads the same values as the json module, but for numbers: it has
+    no hook to make a float a `ReadFloat`, and reads an integer beyond 64
+    bits as a float. So a body holding a float, or anything orjson refuses
+    (NaN, a lone surrogate, a byte order mark, another encoding than UTF-8,
+    nesting past 1,024 levels), is read again by the json module, which
+    then also raises its own errors. No field of a documented task is a
+    float, and looking for one takes about a quarter of what orjson saves.
+    """
+    try:
+        value = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return _json_module_read(content)
+    return _json_module_read(content) if _holds_float(value) else value
+
+
+def _json_module_read(content: bytes | str) -> Any:
     return json.loads(content, parse_float=ReadFloat, parse_constant=ReadFloat)
+
+
+def _holds_float(value: Any) -> bool:
+    """Whether a value read by orjson holds a float, at any depth; found
+    a level at a time, without recursion."""
+    if type(value) is not dict and type(value) is not list:
+        return type(value) is float
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        children = node.values() if type(node) is dict else node
+        for child in children:
+            kind = type(child)
+            if kind is float:
+                return True
+            if kind is dict or kind is list:
+                stack.append(child)
+    return False
 
 
 def _top_level_redacted(item: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
 import json
+import re
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
@@ -9,6 +10,7 @@ from etl.parse import (
     MAX_NESTING,
     REDACTED,
     GroupRecord,
+    ReadFloat,
     RejectedItem,
     canonical_json,
     clean,
@@ -274,6 +276,77 @@ def test_an_item_nested_too_deep_to_clean_is_refused(depth: int, inside: str) ->
 
     with pytest.raises(RejectedItem, match="nested more than 256 levels deep"):
         parse_task(item, ACCOUNT, SHANGHAI)
+
+
+def _same_values(read: object, expected: object) -> bool:
+    """Equal, of the very same types at every depth, NaN equal to NaN."""
+    if type(read) is not type(expected):
+        return False
+    if isinstance(read, dict) and isinstance(expected, dict):
+        return list(read) == list(expected) and all(
+            _same_values(read[key], expected[key]) for key in read
+        )
+    if isinstance(read, list) and isinstance(expected, list):
+        return len(read) == len(expected) and all(
+            _same_values(a, b) for a, b in zip(read, expected, strict=True)
+        )
+    if isinstance(read, float):
+        return repr(read) == repr(expected)
+    return read == expected
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"code":200,"data":[{"uuid":"t-1","n":5,"ok":true,"x":null}]}',
+        b'{"data":[{"uuid":"t-1","group":{"id":2,"tags":[1,[2,[3.5]]]}}]}',
+        b'{"data":[{"uuid":"t-1","big":[123456789012345678901234]}]}',
+        b'{"a":18446744073709551615,"b":-9223372036854775808}',
+        b'{"a":-9223372036854775809}',
+        b"[1e-05, 1E400, -0.0, 0.1]",
+        b'{"a":NaN,"b":[Infinity],"c":-Infinity}',
+        b'{"a":"\\ud800 lone","b":"\\ud83d\\ude00"}',
+        b'{"a":1,"b":2,"a":3}',
+        '\ufeff{"a":"bom"}'.encode(),
+        '{"a":"utf-16 \u56de"}'.encode("utf-16"),
+        b'{"name":"\xe5\x9b\x9e\xe8\xae\xbf","url":"http://10.0.2.5/cb"}',
+        b"5",
+        b"2.5",
+        b'"text"',
+        b"null",
+        b"[]",
+        b"{}",
+        '{"a":[1,2.5],"b":"\u56de\u8bbf"}',
+        '{"a":"\\ud800","b":[123456789012345678901234]}',
+        '{"a":{"b":[true,false,null,"x"]}}',
+    ],
+)
+def test_bodies_are_read_as_the_json_module_reads_them(body: bytes | str) -> None:
+    # read_json takes orjson's faster way where its values are the same.
+    expected = json.loads(body, parse_float=ReadFloat, parse_constant=ReadFloat)
+
+    assert _same_values(read_json(body), expected)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b'{"a":1',
+        b'{"a":"\x01"}',
+        b'{"a":"\xff"}',
+        b"[" * 1100 + b"]" * 1100,
+        b"1" * 5000,
+        b'{"a":1} x',
+    ],
+    ids=["empty", "cut", "control", "not-utf-8", "deep", "huge-int", "trailing"],
+)
+def test_bodies_are_refused_as_the_json_module_refuses_them(body: bytes) -> None:
+    with pytest.raises(Exception) as expected:
+        json.loads(body, parse_float=ReadFloat, parse_constant=ReadFloat)
+
+    with pytest.raises(expected.type, match=re.escape(str(expected.value))):
+        read_json(body)
 
 
 def test_floats_are_read_as_json_reads_them() -> None:

@@ -322,7 +322,10 @@ class Client:
         """The answer to one request and its whole body."""
         try:
             response = self._send(url, query, auth)
-            body = self._read_body(call, response)
+            if 300 <= response.status_code < 400:
+                body = _unread(response)
+            else:
+                body = self._read_body(call, response)
         except requests.RequestException as exc:
             _log_request(call, None, started)
             # requests' own message holds the full URL with its query.
@@ -963,6 +966,18 @@ def _open_session(api: ApiConfig) -> requests.Session:
     session.proxies.update(settings["proxies"])
     session.verify = settings["verify"]
     return session
+
+
+def _unread(response: requests.Response) -> bytes:
+    """Close a redirect's answer without reading its body.
+
+    A redirect is refused whatever it holds, and a body that is broken,
+    cut short or endless must not pass for a failed connection, which is
+    retried and would leave the redirect unnamed.
+    """
+    response.close()
+    response._content = b""
+    return b""
 
 
 def _headers() -> CaseInsensitiveDict[str]:

@@ -550,6 +550,27 @@ def test_does_not_follow_a_redirect(platform, connect):
     assert len(platform.requests) == 1
 
 
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(302, b"not gzip", {"Location": "/x", "Content-Encoding": "gzip"}),
+        Reply(307, b"short", {"Location": "/x"}, length=100),
+        Reply(301, b"x" * (17 * 2**20), {"Location": "/x"}),
+    ],
+    ids=["broken-gzip", "cut-short", "larger-than-any-page"],
+)
+def test_a_redirect_is_refused_whatever_its_body(platform, connect, reply):
+    # Its body is never read: a broken one must not pass for a failed
+    # connection, retried, with the redirect unnamed.
+    platform.script(reply)
+
+    with pytest.raises(FatalApiError, match="redirected the request") as raised:
+        get(connect())
+
+    assert raised.value.status == reply.status
+    assert len(platform.requests) == 1
+
+
 def test_serves_several_threads_at_once(platform, connect):
     platform.respond = lambda seen: Reply(body=envelope([task(1)]), delay=0.05)
     client = connect(parallelism=4)

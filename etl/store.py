@@ -893,10 +893,13 @@ class _DriverValues:
         """A time as the driver reads it back, aware and in UTC."""
         if value is None:
             return None
-        if self.times_as_text:
-            return UTC_EPOCH + (datetime.fromisoformat(value) - NAIVE_EPOCH)
-        moment: datetime = value.astimezone(UTC)
-        return moment
+        moment: datetime = (
+            datetime.fromisoformat(value) if self.times_as_text else value
+        )
+        if moment.tzinfo is None:  # SQLAlchemy's form on SQLite: naive, UTC
+            return UTC_EPOCH + (moment - NAIVE_EPOCH)
+        # PostgreSQL's, or on SQLite a time some other tool wrote.
+        return moment.astimezone(UTC)
 
     @staticmethod
     def json(value: Any) -> str:

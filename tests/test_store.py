@@ -606,6 +606,35 @@ def test_the_stored_state_a_page_is_planned_from_is_read_exactly(
     assert (unchanged, flagged) == ({"e", "f"}, {"f"})
 
 
+def test_a_stored_time_written_with_an_offset_is_read_as_that_moment(
+    engine: Engine,
+) -> None:
+    # SQLAlchemy writes naive UTC text on SQLite; another tool may not.
+    write(engine, [item("a", 1), item("b", 1)])
+    written = {
+        "a": ("2026-01-05 09:30:00+08:00", "2026-01-05 01:00:00Z"),
+        "b": ("2026-01-05T01:30:00+00:00", "2026-01-04 20:00:00-05:00"),
+    }
+    with engine.begin() as connection:
+        for uuid, (seen_at, unlisted) in written.items():
+            connection.execute(
+                update(tasks)
+                .where(tasks.c.uuid == uuid)
+                .values(status_seen_at=text(f"'{seen_at}'"))
+                .values(unlisted_after=text(f"'{unlisted}'"))
+            )
+    zone = ZoneInfo("Asia/Shanghai")
+    listed = [parse_task(item(uuid, 2), ACCOUNT, zone) for uuid in "ab"]
+
+    with engine.connect() as connection:
+        driver = store._DriverValues(connection.dialect.name)
+        stored, _, _ = store._read_stored(connection, driver, listed)
+
+    for uuid in "ab":
+        assert stored[uuid].status_seen_at == datetime(2026, 1, 5, 1, 30, tzinfo=UTC)
+        assert stored[uuid].unlisted_after == T0
+
+
 def test_a_task_stored_unchanged_is_not_read_back(engine: Engine) -> None:
     # In a re-sync nearly every task is unchanged: the database compares
     # the hashes, and only the tasks to plan or to flag come back.

@@ -21,7 +21,7 @@ from datetime import datetime, tzinfo
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from etl import archive, locks, rollup, runs, store
+from etl import archive, garbage, locks, rollup, runs, store
 from etl.accounts import ID_LENGTH, Account
 from etl.client import Client, Page
 from etl.config import Config, MainAccount
@@ -172,7 +172,8 @@ def run_sync(
     client = client or make_client(config, sleep=interruptible_sleep(halt))
     run = _Run(config, engine, client, kind, filters, progress, halt)
     try:
-        summary = run.execute(only, stop=stop, deadline=deadline)
+        with garbage.looking_less_often():
+            summary = run.execute(only, stop=stop, deadline=deadline)
     except SQLAlchemyError as exc:
         # Outside a page (a file locked past the busy timeout, a server gone):
         # the run cannot go on, and says so in one line.

@@ -1,3 +1,4 @@
+import gc
 import logging
 import re
 import sys
@@ -9,7 +10,7 @@ from sqlalchemy import Engine, func, select
 from synced import sync_config
 from writers import TasksLock
 
-from etl import store
+from etl import garbage, store
 from etl.config import Config, DatabaseConfig, Endpoints, MainAccount
 from etl.errors import StoreError
 from etl.models import accounts, sync_runs, task_status_changes, tasks
@@ -85,6 +86,24 @@ def test_a_run_leaves_python_s_switch_interval_alone(
     )
 
     assert during and set(during) == {before}
+
+
+def test_a_run_makes_the_collector_look_at_new_objects_less_often(
+    simulator: Simulator, server: SimServer, engine: Engine
+) -> None:
+    # Its pages, alive until stored, were walked by the collector again and
+    # again; the setting is the process's, and put back when the run ends.
+    during: list[tuple[int, int, int]] = []
+    before = gc.get_threshold()
+
+    run_sync(
+        sync_config(server, simulator),
+        engine=engine,
+        progress=lambda _: during.append(gc.get_threshold()),
+    )
+
+    assert during and set(during) == {(garbage.YOUNG_LOOK_EVERY, *before[1:])}
+    assert gc.get_threshold() == before
 
 
 def test_second_sync_of_an_unchanged_source_writes_nothing(

@@ -20,7 +20,7 @@ import sqlite3
 import threading
 from array import array
 from bisect import bisect_left
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
@@ -79,6 +79,8 @@ EXACT_ROWS = 16
 MAX_STATEMENT_ROWS = 256
 # Rows fetched at a time when a query may return a whole account's tasks.
 STREAMED_ROWS = 2000
+# The most ids `SeenIds.unlisted` puts in a set: about 7 MB while it lasts.
+SET_LOOKUP_MOST = 100_000
 # A task a complete walk missed, and no complete walk listed since (see
 # `mark_removals`); built once, as the writer asks it of every page.
 _IS_FLAGGED = tasks.c.unlisted_after.is_not(None)
@@ -1211,9 +1213,10 @@ class SeenIds:
     a task is never marked removed because of a digest.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, uuids: Iterable[str] = ()) -> None:
         self._digests = array("q")
         self._is_sorted = True
+        self.update(uuids)
 
     def update(self, uuids: Iterable[str]) -> None:
         self._digests.extend(map(_digest, uuids))
@@ -1229,6 +1232,21 @@ class SeenIds:
 
     def __len__(self) -> int:
         return len(self._digests)
+
+    def unlisted(self, uuids: Iterable[str]) -> list[str]:
+        """Those of `uuids` the walk did not list, in their order.
+
+        Settling a re-sync looks up every stored task of the account: one
+        at a time through `in`, that was a sixth of the writer's time. A
+        set of the digests finds each about ten times faster than a
+        bisection, for about 60 bytes a task while it lasts; past
+        `SET_LOOKUP_MOST` ids the bisection keeps memory bounded.
+        """
+        self._sort()
+        if len(self._digests) > SET_LOOKUP_MOST:
+            return [uuid for uuid in uuids if uuid not in self]
+        listed = set(self._digests)
+        return [uuid for uuid in uuids if _digest(uuid) not in listed]
 
     def repeats(self) -> int:
         """How many of the ids were listed again after their first time."""
@@ -1269,7 +1287,7 @@ def mark_removals(
     engine: Engine,
     run_id: int,
     account: Account,
-    seen: Container[str],
+    seen: SeenIds,
     observed_at: datetime,
     previous_complete: datetime | None,
 ) -> int:
@@ -1318,7 +1336,7 @@ def mark_removals(
 
 
 def _missed(
-    connection: Connection, listed: ColumnElement[bool], seen: Container[str]
+    connection: Connection, listed: ColumnElement[bool], seen: SeenIds
 ) -> list[str]:
     """The listed, unflagged tasks that the walk did not list."""
     # Streamed, and only uuids: holding every row of a large account at
@@ -1328,7 +1346,7 @@ def _missed(
         select(tasks.c.uuid).where(listed, tasks.c.unlisted_after.is_(None)),
         execution_options={"yield_per": STREAMED_ROWS},
     )
-    return [uuid for uuid in rows.scalars() if uuid not in seen]
+    return seen.unlisted(rows.scalars())
 
 
 def _set_unlisted(

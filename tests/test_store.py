@@ -128,8 +128,12 @@ def test_removal_and_restore_both_show_in_history(engine: Engine) -> None:
     run_id = runs.start_run(engine, "sync")
     missed_at, gone_at = T0 + timedelta(hours=1), T0 + timedelta(hours=2)
 
-    flagged = store.mark_removals(engine, run_id, ACCOUNT, {"a"}, missed_at, T0)
-    removed = store.mark_removals(engine, run_id, ACCOUNT, {"a"}, gone_at, missed_at)
+    flagged = store.mark_removals(
+        engine, run_id, ACCOUNT, store.SeenIds(["a"]), missed_at, T0
+    )
+    removed = store.mark_removals(
+        engine, run_id, ACCOUNT, store.SeenIds(["a"]), gone_at, missed_at
+    )
     counts = write(engine, [item("a"), item("b")], T0 + timedelta(hours=3))
 
     assert (flagged, removed) == (0, 1)
@@ -153,7 +157,12 @@ def test_a_task_one_complete_walk_missed_is_only_flagged(engine: Engine) -> None
     walk_began = T0 + timedelta(minutes=30)
 
     removed = store.mark_removals(
-        engine, run_id, ACCOUNT, {"a"}, T0 + timedelta(hours=1), walk_began
+        engine,
+        run_id,
+        ACCOUNT,
+        store.SeenIds(["a"]),
+        T0 + timedelta(hours=1),
+        walk_began,
     )
 
     assert removed == 0
@@ -170,7 +179,11 @@ def test_a_walk_that_lists_a_flagged_task_clears_the_flag(engine: Engine) -> Non
 
     counts = [
         store.mark_removals(engine, run_id, ACCOUNT, seen, at, T0)
-        for seen, at in zip([{"a"}, {"a", "b"}, {"a"}], walks, strict=True)
+        for seen, at in zip(
+            [store.SeenIds(["a"]), store.SeenIds(["a", "b"]), store.SeenIds(["a"])],
+            walks,
+            strict=True,
+        )
     ]
 
     # Missed, listed, missed: never two complete walks in a row.
@@ -188,9 +201,11 @@ def test_a_removal_dates_its_task_from_its_last_observation(engine: Engine) -> N
     run_id = runs.start_run(engine, "sync")
     missed_at, gone_at = T0 + timedelta(hours=3), T0 + timedelta(hours=4)
 
-    store.mark_removals(engine, run_id, ACCOUNT, {"a"}, missed_at, T0)
+    store.mark_removals(engine, run_id, ACCOUNT, store.SeenIds(["a"]), missed_at, T0)
     assert task_row(engine, "b").unlisted_after == listed_at
-    store.mark_removals(engine, run_id, ACCOUNT, {"a"}, gone_at, missed_at)
+    store.mark_removals(
+        engine, run_id, ACCOUNT, store.SeenIds(["a"]), gone_at, missed_at
+    )
 
     removal = only_event(engine, "removed")
     assert (removal.old_seen_at, removal.observed_at) == (listed_at, gone_at)
@@ -208,7 +223,7 @@ def test_a_flagged_task_listed_again_dates_its_change_from_its_flag(
     write(engine, [item("a"), item("b", 2)])
     run_id = runs.start_run(engine, "sync")
     missed_at = T0 + timedelta(hours=1)
-    store.mark_removals(engine, run_id, ACCOUNT, {"a"}, missed_at, T0)
+    store.mark_removals(engine, run_id, ACCOUNT, store.SeenIds(["a"]), missed_at, T0)
     # Listed again, changed, by a walk that does not complete.
     listed_at = T0 + timedelta(hours=2)
 
@@ -220,7 +235,9 @@ def test_a_flagged_task_listed_again_dates_its_change_from_its_flag(
     assert (change.old_seen_at, change.observed_at) == (T0, listed_at)
     assert task_row(engine, "b").unlisted_after == listed_at
     gone_at = T0 + timedelta(hours=3)
-    store.mark_removals(engine, run_id, ACCOUNT, {"a"}, gone_at, missed_at)
+    store.mark_removals(
+        engine, run_id, ACCOUNT, store.SeenIds(["a"]), gone_at, missed_at
+    )
     removal = only_event(engine, "removed")
     assert (removal.old_status, removal.old_seen_at) == (1, listed_at)
 
@@ -231,7 +248,7 @@ def test_a_flagged_task_listed_again_unchanged_was_observed_then(
     write(engine, [item("a"), item("b")])
     run_id = runs.start_run(engine, "sync")
     missed_at = T0 + timedelta(hours=1)
-    store.mark_removals(engine, run_id, ACCOUNT, {"a"}, missed_at, T0)
+    store.mark_removals(engine, run_id, ACCOUNT, store.SeenIds(["a"]), missed_at, T0)
     listed_at = T0 + timedelta(hours=2)
 
     counts = write(engine, [item("b")], listed_at)
@@ -239,7 +256,9 @@ def test_a_flagged_task_listed_again_unchanged_was_observed_then(
     assert (counts.changed, counts.status_changes) == (0, 0)
     assert task_row(engine, "b").unlisted_after == listed_at
     gone_at = T0 + timedelta(hours=3)
-    store.mark_removals(engine, run_id, ACCOUNT, {"a"}, gone_at, missed_at)
+    store.mark_removals(
+        engine, run_id, ACCOUNT, store.SeenIds(["a"]), gone_at, missed_at
+    )
     assert only_event(engine, "removed").old_seen_at == listed_at
 
 
@@ -248,7 +267,9 @@ def test_a_flagged_task_that_moved_to_another_account_loses_its_flag(
 ) -> None:
     write(engine, [item("a"), item("b")])
     run_id = runs.start_run(engine, "sync")
-    store.mark_removals(engine, run_id, ACCOUNT, {"a"}, T0 + timedelta(hours=1), T0)
+    store.mark_removals(
+        engine, run_id, ACCOUNT, store.SeenIds(["a"]), T0 + timedelta(hours=1), T0
+    )
     other = Account("main-1", "sub-2")
     zone = ZoneInfo("Asia/Shanghai")
     moved = parse_task(item("b", name="moved"), other, zone)
@@ -369,7 +390,9 @@ def test_a_removal_read_before_another_writer_moved_the_task_removes_nothing(
 ) -> None:
     write(engine, [item("a"), item("b")])
     run_id = runs.start_run(engine, "sync")
-    store.mark_removals(engine, run_id, ACCOUNT, {"a"}, T0 + timedelta(hours=1), T0)
+    store.mark_removals(
+        engine, run_id, ACCOUNT, store.SeenIds(["a"]), T0 + timedelta(hours=1), T0
+    )
     with engine.connect() as connection:
         read = connection.execute(select(tasks).where(tasks.c.uuid == "b")).one()
     # Another process, walking another account, moves it before the update.
@@ -445,7 +468,7 @@ def test_a_lock_held_past_the_busy_timeout_fails_the_page_and_names_it(
     assert stored_uuids(engine) == set()
     lock.take()
     with pytest.raises(StoreError, match="^account main-1:sub-1: removals were not"):
-        store.mark_removals(engine, run_id, ACCOUNT, set(), T0, None)
+        store.mark_removals(engine, run_id, ACCOUNT, store.SeenIds(), T0, None)
     lock.let_go()
     lock.close()
     store.write_page(engine, run_id, batch([item("a")]), None)
@@ -520,7 +543,9 @@ def test_removal_touches_only_the_account_walked(engine: Engine) -> None:
     run_id = runs.start_run(engine, "sync")
 
     removed = [
-        store.mark_removals(engine, run_id, Account("main-1", "other"), set(), at, None)
+        store.mark_removals(
+            engine, run_id, Account("main-1", "other"), store.SeenIds(), at, None
+        )
         for at in (T0, T0 + timedelta(hours=1))
     ]
 
@@ -767,6 +792,22 @@ def test_seen_ids_hold_every_listed_id_and_no_other() -> None:
     assert len(seen) == 5001
 
 
+@pytest.mark.parametrize("set_lookup_most", [100_000, 10], ids=["set", "bisection"])
+def test_seen_ids_name_the_unlisted_ones_in_their_order(
+    monkeypatch: pytest.MonkeyPatch, set_lookup_most: int
+) -> None:
+    monkeypatch.setattr(store, "SET_LOOKUP_MOST", set_lookup_most)
+    seen = store.SeenIds(f"task-{number}" for number in range(0, 3000, 2))
+    stored = [f"task-{number}" for number in range(2999, -1, -1)]
+
+    unlisted = seen.unlisted(iter(stored))
+
+    assert unlisted == [
+        f"task-{number}" for number in range(3000, -1, -1) if number % 2
+    ]
+    assert seen.unlisted(["task-0", "任务\ud83d", "task-2998"]) == ["任务\ud83d"]
+
+
 def test_times_are_stored_in_the_form_sqlalchemy_gives_them(engine: Engine) -> None:
     # Rows go to the driver with their values already converted; SQLite
     # compares times as text, so every writer must use SQLAlchemy's form.
@@ -926,7 +967,7 @@ account = Account("u")
 task = parse_task({"uuid": "a", "status": 2}, account, ZoneInfo("UTC"))
 page = store.PageBatch(account, "/t", 1, datetime.now(UTC), [task])
 store.write_page(engine, runs.start_run(engine, "sync"), page, None)
-store.mark_removals(engine, 1, account, {"a"}, datetime.now(UTC), None)
+store.mark_removals(engine, 1, account, store.SeenIds(["a"]), datetime.now(UTC), None)
 print(sorted(name for name in sys.modules if name.startswith("psycopg")))
 """
 

@@ -79,7 +79,7 @@ EXACT_ROWS = 16
 MAX_STATEMENT_ROWS = 256
 # Rows fetched at a time when a query may return a whole account's tasks.
 STREAMED_ROWS = 2000
-# The most ids `SeenIds.unlisted` puts in a set: about 7 MB while it lasts.
+# The most ids `SeenIds.unlisted` puts in a set: about 8 MB while it lasts.
 SET_LOOKUP_MOST = 100_000
 # A task a complete walk missed, and no complete walk listed since (see
 # `mark_removals`); built once, as the writer asks it of every page.
@@ -1237,10 +1237,10 @@ class SeenIds:
         """Those of `uuids` the walk did not list, in their order.
 
         Settling a re-sync looks up every stored task of the account: one
-        at a time through `in`, that was a sixth of the writer's time. A
-        set of the digests finds each about ten times faster than a
-        bisection, for about 60 bytes a task while it lasts; past
-        `SET_LOOKUP_MOST` ids the bisection keeps memory bounded.
+        at a time through `in`, that was a sixth of the writer's samples in
+        a profile. Through a set of the digests, an account of 12,500 tasks
+        took 10 ms instead of 26, for about 80 bytes a task while the set
+        lasts; past `SET_LOOKUP_MOST` ids the bisection keeps memory bounded.
         """
         self._sort()
         if len(self._digests) > SET_LOOKUP_MOST:

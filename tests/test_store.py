@@ -79,6 +79,30 @@ def test_first_sighting_writes_the_task_and_one_history_row(engine: Engine) -> N
     assert row.group_id == "1"
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["tab\there", "two\nlines\r\n", "back\\slash \\N", "\\.", "回访 😀", "", "  "],
+)
+def test_history_rows_keep_any_text_as_it_was(engine: Engine, text: str) -> None:
+    # PostgreSQL takes them by COPY, whose text form escapes tabs, newlines
+    # and backslashes, and reads \N as NULL and \. as the end of the data.
+    write(engine, [item("a", 2, status_str=text)])
+    write(engine, [item("a", 1, status_str=f"{text}!")], T0 + timedelta(hours=1))
+
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(
+                task_status_changes.c.old_status_str,
+                task_status_changes.c.new_status_str,
+            ).order_by(task_status_changes.c.id)
+        ).all()
+    stored = text.strip() or None  # ids and names are stripped; empty is none
+    assert [tuple(row) for row in rows] == [
+        (None, stored),
+        (stored, f"{text}!".strip()),
+    ]
+
+
 def test_unchanged_page_writes_nothing(engine: Engine) -> None:
     write(engine, [item("a"), item("b")])
 

@@ -1268,7 +1268,13 @@ class SeenIds:
         if len(self._digests) > SET_LOOKUP_MOST:
             return [uuid for uuid in uuids if uuid not in self]
         listed = set(self._digests)
-        return [uuid for uuid in uuids if _digest(uuid) not in listed]
+        # As `in` says: only text was listed. On SQLite another tool can
+        # store an id as bytes, whose hash is that of the same text.
+        return [
+            uuid
+            for uuid in uuids
+            if type(uuid) is not str or _digest(uuid) not in listed
+        ]
 
     def repeats(self) -> int:
         """How many of the ids were listed again after their first time."""

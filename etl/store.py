@@ -477,6 +477,8 @@ class PageWriter:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._connection: Connection | None = None
+        # Whether its history rows go by COPY (see `_copy_stores_changes`).
+        self._copies_changes = False
         # The name each script group was stored with by this writer: the
         # same few groups are on every page, and upserting them again each
         # time cost a tenth of a first sync's writing.
@@ -542,6 +544,7 @@ class PageWriter:
     ) -> list[_Plan]:
         if self._connection is None:
             self._connection = _writer_connection(self.engine)
+            self._copies_changes = _copy_stores_changes(self._connection)
         connection = self._connection
         # The groups stored once this transaction commits.
         known = dict(self._groups)
@@ -565,9 +568,11 @@ class PageWriter:
             _execute_many(
                 connection, _task_upsert, [row for plan in plans for row in plan.rows]
             )
-            _insert_changes(
-                connection, [change for plan in plans for change in plan.changes]
-            )
+            changes = [change for plan in plans for change in plan.changes]
+            if self._copies_changes:
+                _copy_changes(connection, changes)
+            else:
+                _execute_many(connection, _change_insert, changes)
             unsaved = self._unsaved.get(run_id, (PageCounts(), 0))
             for plan in plans:
                 unsaved = _with_page(unsaved, plan.counts)
@@ -1075,24 +1080,47 @@ def _execute_many(
     connection.exec_driver_sql(sql, rows)
 
 
-def _insert_changes(connection: Connection, changes: list[dict[str, Any]]) -> None:
-    """Insert rows of the status history; on PostgreSQL, by COPY.
+def _copy_stores_changes(connection: Connection) -> bool:
+    """Whether history rows may go in by COPY: on PostgreSQL, when it
+    stores them as an INSERT would.
 
     A first sync writes a history row for every task, and PostgreSQL runs
-    each row of an executemany as a statement of its own, checking its
-    foreign key and updating four indexes: COPY does the same work
-    without a statement per row. The rows go in the transaction of their
-    pages, through the driver's connection, whose dumpers turn the
-    driver values into COPY's text.
+    each row of an executemany as a statement of its own: by COPY, which
+    does the same inserts, foreign key checks and index updates without
+    a statement per row, a first sync of 100,000 tasks took 0.82-0.89 x
+    the time. But COPY refuses a table under row-level security, and
+    skips the rules that rewrite its INSERTs, both of which a database's
+    owner may add; then the rows go by INSERT.
     """
-    if not changes:
-        return
     if connection.dialect.name != "postgresql":
-        _execute_many(connection, _change_insert, changes)
+        return False
+    with connection.begin():
+        found = connection.exec_driver_sql(
+            _COPY_STORES_CHANGES, (task_status_changes.name,)
+        ).scalar()
+    return bool(found)
+
+
+# True when row-level security does not apply to this user and no rule
+# rewrites an INSERT (event type 3); no row when there is no such table.
+_COPY_STORES_CHANGES = (
+    "SELECT NOT row_security_active(c.oid) AND NOT EXISTS ("
+    " SELECT 1 FROM pg_rewrite AS r WHERE r.ev_class = c.oid AND r.ev_type = '3')"
+    " FROM pg_class AS c WHERE c.oid = to_regclass(%s)"
+)
+
+
+def _copy_changes(connection: Connection, changes: list[dict[str, Any]]) -> None:
+    """Insert history rows by PostgreSQL's COPY (see `_copy_stores_changes`),
+    in the transaction of their pages, through the driver's connection,
+    whose dumpers turn the driver values into COPY's text."""
+    if not changes:
         return
     columns = tuple(changes[0])
     values = operator.itemgetter(*columns)
     statement = f"COPY {task_status_changes.name} ({', '.join(columns)}) FROM STDIN"
+    # The driver's statement passes SQLAlchemy's echo by: the debug log has it.
+    log.debug("%s: %d row(s)", statement, len(changes))
     driver_connection: Any = connection.connection.driver_connection
     with driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
         for change in changes:
@@ -1423,8 +1451,10 @@ def _remove(
     )
     gone = [row for row in rows if row.uuid in removed]
     driver = _DriverValues(connection.dialect.name)
-    _insert_changes(
-        connection, [_removal(driver, run_id, row, observed_at) for row in gone]
+    _execute_many(
+        connection,
+        _change_insert,
+        [_removal(driver, run_id, row, observed_at) for row in gone],
     )
     counts = PageCounts(removed=len(gone), status_changes=len(gone))
     _add_to_run(connection, run_id, counts, 0)

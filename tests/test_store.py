@@ -1,5 +1,6 @@
 import functools
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -926,6 +927,87 @@ def test_the_read_of_stored_tasks_is_never_a_prepared_statement(pg_url: str) -> 
 
     assert "INSERT INTO tasks" in statements  # psycopg did prepare the writes
     assert "json_each_text" not in statements
+
+
+def as_superuser(url: str, *statements: str) -> None:
+    admin = store.connect(DatabaseConfig(url=url))
+    with admin.begin() as connection:
+        for statement in statements:
+            connection.exec_driver_sql(statement)
+    admin.dispose()
+
+
+def history_by_copy(engine: Engine, caplog: pytest.LogCaptureFixture) -> int:
+    """Write three pages with a status change; how many went by COPY."""
+    with caplog.at_level(logging.DEBUG, logger="etl.store"):
+        write(engine, [item("a", 2), item("b", 2)])
+        write(engine, [item("a", 1)], T0 + timedelta(hours=1))
+        write(engine, [item("c", 3)], T0 + timedelta(hours=2))
+    return sum("COPY task_status_changes" in r.getMessage() for r in caplog.records)
+
+
+def test_history_rows_go_by_copy_on_postgresql(
+    db_url: str, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    copied = history_by_copy(engine, caplog)
+
+    assert copied == (3 if db_url.startswith("postgresql") else 0)
+    assert history(engine, "a") == [("first_seen", None, 2), ("changed", 2, 1)]
+
+
+def test_history_rows_reach_a_table_under_row_level_security(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # COPY refuses such a table: every page failed where INSERT had worked.
+    owner = store.connect(DatabaseConfig(url=pg_url))
+    store.migrate(owner)
+    owner.dispose()
+    role = f"writer_{pg_url.rsplit('/', 1)[1]}"
+    as_superuser(
+        pg_url,
+        f"CREATE ROLE {role} LOGIN",
+        f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}",
+        f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}",
+        "ALTER TABLE task_status_changes ENABLE ROW LEVEL SECURITY",
+        "CREATE POLICY everyone ON task_status_changes USING (true) WITH CHECK (true)",
+    )
+    engine = store.connect(
+        DatabaseConfig(url=pg_url.replace("//postgres@", f"//{role}@"))
+    )
+
+    copied = history_by_copy(engine, caplog)
+    rows = history(engine, "a")
+    engine.dispose()
+    as_superuser(pg_url, f"DROP OWNED BY {role}", f"DROP ROLE {role}")
+
+    assert copied == 0
+    assert rows == [("first_seen", None, 2), ("changed", 2, 1)]
+
+
+def test_history_rows_pass_through_the_rules_on_their_table(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # COPY skips rules: a rule copying each history row elsewhere got none.
+    engine = store.connect(DatabaseConfig(url=pg_url))
+    store.migrate(engine)
+    as_superuser(
+        pg_url,
+        "CREATE TABLE audit (task_uuid text)",
+        "CREATE RULE audit_history AS ON INSERT TO task_status_changes"
+        " DO ALSO INSERT INTO audit VALUES (NEW.task_uuid)",
+    )
+
+    copied = history_by_copy(engine, caplog)
+    with engine.connect() as connection:
+        audited = (
+            connection.exec_driver_sql("SELECT task_uuid FROM audit ORDER BY task_uuid")
+            .scalars()
+            .all()
+        )
+    engine.dispose()
+
+    assert copied == 0
+    assert audited == ["a", "a", "b", "c"]
 
 
 def test_a_writer_whose_connection_ends_fails_the_page_and_goes_on(

@@ -254,7 +254,9 @@ class AdvisoryLocks(AccountLocks):
             )
         except SQLAlchemyError as exc:
             # The server frees a session's locks when the session ends.
-            log.warning("account %s: could not unlock: %s", account.label, exc)
+            log.warning(
+                "account %s: could not unlock: %s", account.label, store.first_line(exc)
+            )
             self._broken = True
 
     def _renew(self, held: set[Account]) -> set[Account]:
@@ -266,7 +268,7 @@ class AdvisoryLocks(AccountLocks):
             log.error(
                 "the connection holding the account locks broke (%s); the locks "
                 "are gone and their accounts stop being written",
-                exc,
+                store.first_line(exc),
             )
             self._broken = True
             return held
@@ -281,7 +283,7 @@ class AdvisoryLocks(AccountLocks):
                 self._connection.execute(text("RESET application_name"))
             self._connection.close()
         except SQLAlchemyError as exc:
-            log.warning("closing the lock connection failed: %s", exc)
+            log.warning("closing the lock connection failed: %s", store.first_line(exc))
         self._connection = None
 
 
@@ -393,7 +395,7 @@ class LeaseLocks(AccountLocks):
                 "free it: %s",
                 account.label,
                 self.config.lease,
-                exc,
+                store.first_line(exc),
             )
 
     def _close(self) -> None:
@@ -491,7 +493,9 @@ class Heartbeat:
                 self._locks.renew()
             except SQLAlchemyError as exc:
                 # A missed beat is no harm while the lease is longer; retry.
-                log.warning("run %s: heartbeat failed: %s", self._run_id, exc)
+                log.warning(
+                    "run %s: heartbeat failed: %s", self._run_id, store.first_line(exc)
+                )
             except RunInterrupted:
                 continue  # stopped: the run gives its locks back next
 

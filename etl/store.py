@@ -595,12 +595,12 @@ def not_written(
 ) -> str:
     """Why these pages were not written, naming the page if it is alone."""
     if len(pages) > 1:
-        reason = _first_line(exc)
+        reason = first_line(exc)
         return f"{len(pages)} pages written together were not written: {reason}"
     batch = pages[0][0]
     return (
         f"account {batch.account.label}, endpoint {batch.endpoint}, page "
-        f"{batch.number}: the page was not written: {_first_line(exc)}"
+        f"{batch.number}: the page was not written: {first_line(exc)}"
     )
 
 
@@ -1335,7 +1335,7 @@ def has_listed_tasks(engine: Engine, account: Account) -> bool:
             return connection.execute(query).first() is not None
     except SQLAlchemyError as exc:
         raise StoreError(
-            f"account {account.label}: cannot read its stored tasks: {_first_line(exc)}"
+            f"account {account.label}: cannot read its stored tasks: {first_line(exc)}"
         ) from exc
 
 
@@ -1385,7 +1385,7 @@ def mark_removals(
             gone = _remove(connection, run_id, gone, listed & _IS_FLAGGED, observed_at)
     except (SQLAlchemyError, engine.dialect.loaded_dbapi.Error) as exc:
         raise StoreError(
-            f"account {account.label}: removals were not marked: {_first_line(exc)}"
+            f"account {account.label}: removals were not marked: {first_line(exc)}"
         ) from exc
     _log_settled(account, len(missed), gone)
     return len(gone)
@@ -1524,7 +1524,9 @@ def _log_settled(account: Account, missed: int, gone: list[Any]) -> None:
         log.debug("task %s of account %s removed", row.uuid, account.label)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of the error, for a one-line message: SQLAlchemy's
+    own text goes on with the statement and a link."""
     text = str(getattr(exc, "orig", None) or exc)
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
@@ -1560,11 +1562,11 @@ def migrate(engine: Engine) -> tuple[str | None, str]:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
     except SQLAlchemyError as exc:
-        raise StoreError(f"migration failed: {_first_line(exc)}") from exc
+        raise StoreError(f"migration failed: {first_line(exc)}") from exc
     except CommandError as exc:
         # A revision this version does not know: written by a newer
         # task-etl, or another program's Alembic table in the same database.
-        raise StoreError(f"migration failed: {_first_line(exc)}") from exc
+        raise StoreError(f"migration failed: {first_line(exc)}") from exc
     after = schema_revision(engine)
     if before != after:
         log.info("database migrated from %s to %s", before or "empty", after)
@@ -1635,7 +1637,7 @@ def schema_revision(engine: Engine) -> str | None:
             )
     except SQLAlchemyError as exc:
         raise StoreError(
-            f"cannot open the database{_where(engine)}: {_first_line(exc)}"
+            f"cannot open the database{_where(engine)}: {first_line(exc)}"
         ) from exc
     # Alembic keeps one row per head: more than one means branches. A table
     # written by hand may hold anything; it is named, never a traceback.

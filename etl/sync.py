@@ -197,7 +197,7 @@ def describe_crash(exc: BaseException) -> str:
     """What a run's record says of an error that ended it outside any
     account: the database's own words, ours, or that the run crashed."""
     if isinstance(exc, SQLAlchemyError):
-        return f"the database failed: {store._first_line(exc)}"
+        return f"the database failed: {store.first_line(exc)}"
     if isinstance(exc, EtlError):
         return str(exc)
     return "the run crashed"

@@ -463,6 +463,8 @@ def test_a_stop_lets_the_account_locks_go_without_waiting_for_another_writer(
 
     left = [r for r in caplog.records if "could not release" in r.getMessage()]
     assert len(left) >= 2
+    # One line each: SQLAlchemy's text goes on with the statement and a link.
+    assert all(len(r.getMessage().splitlines()) == 1 for r in left)
     # It read as a failure of its own, exit 1.
     assert str(raised.value).startswith("stopped, but the stop could not be recorded")
     assert raised.value.exit_code == 130

@@ -122,6 +122,32 @@ def test_closing_gives_back_every_lock(engine: Engine) -> None:
     second.close()
 
 
+def test_a_lock_connection_that_broke_is_told_in_one_line(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # SQLAlchemy's text of the error goes on with the statement and a link,
+    # which the warnings printed as they were.
+    engine = store.connect(DatabaseConfig(url=pg_url))
+    held = locks.open_locks(engine, LocksConfig())
+    held.acquire(ACCOUNT)
+    with engine.connect() as other:
+        other.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name LIKE 'task-etl:%'"
+            )
+        )
+
+    with caplog.at_level(logging.WARNING, logger="etl.locks"):
+        held.release(ACCOUNT)
+        held.close()
+    engine.dispose()
+
+    told = [r.getMessage() for r in caplog.records if r.name == "etl.locks"]
+    assert any("could not unlock" in message for message in told)
+    assert [message.splitlines()[0] for message in told] == told
+
+
 def test_a_lock_held_by_a_killed_process_is_taken_over(
     engine: Engine, db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

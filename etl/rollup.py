@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, Engine, delete, func, insert, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from etl import runs
+from etl import runs, store
 from etl.errors import StoreError
 from etl.models import daily_status_rollup, settings, sync_runs, task_status_changes
 from etl.models import tasks as tasks_table
@@ -71,9 +71,8 @@ def refresh_daily_counts(
             _serialize(connection)
             result = _refresh(connection, zone, rebuild, now or runs.now())
     except SQLAlchemyError as exc:
-        reason = "".join(str(getattr(exc, "orig", None) or exc).splitlines()[:1])
         raise StoreError(
-            f"the daily status counts were not refreshed: {reason}"
+            f"the daily status counts were not refreshed: {store.first_line(exc)}"
         ) from exc
     log.info(
         "daily status counts %s from %s to %s: %s rows",

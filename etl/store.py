@@ -81,6 +81,13 @@ MAX_STATEMENT_ROWS = 256
 STREAMED_ROWS = 2000
 # The most ids `SeenIds.unlisted` puts in a set: about 8 MB while it lasts.
 SET_LOOKUP_MOST = 100_000
+# The fewest task rows a transaction stages for their upsert on PostgreSQL
+# (see `_upsert_staged`). A re-sync writes a few rows a page, which the
+# executemany sends in one round trip; staging them all made it 0-10 %
+# slower than staging only the transactions of this many rows.
+STAGED_LEAST = 50
+# The temporary table that stages them.
+STAGED_TASKS = "task_etl_staged"
 # A task a complete walk missed, and no complete walk listed since (see
 # `mark_removals`); built once, as the writer asks it of every page.
 _IS_FLAGGED = tasks.c.unlisted_after.is_not(None)
@@ -479,6 +486,8 @@ class PageWriter:
         self._connection: Connection | None = None
         # Whether its history rows go by COPY (see `_copy_stores_changes`).
         self._copies_changes = False
+        # Whether its tasks may be staged (see `_upsert_staged`).
+        self._stages_tasks = False
         # The name each script group was stored with by this writer: the
         # same few groups are on every page, and upserting them again each
         # time cost a tenth of a first sync's writing.
@@ -545,6 +554,7 @@ class PageWriter:
         if self._connection is None:
             self._connection = _writer_connection(self.engine)
             self._copies_changes = _copy_stores_changes(self._connection)
+            self._stages_tasks = _may_stage_tasks(self._connection)
         connection = self._connection
         # The groups stored once this transaction commits.
         known = dict(self._groups)
@@ -565,9 +575,8 @@ class PageWriter:
                 plans.append(plan)
             # One statement each for all the pages: each is one more wait for
             # Python's lock, as the driver gives it up while the database works.
-            _execute_many(
-                connection, _task_upsert, [row for plan in plans for row in plan.rows]
-            )
+            rows = [row for plan in plans for row in plan.rows]
+            _upsert_tasks(connection, rows, staged=self._stages_tasks)
             changes = [change for plan in plans for change in plan.changes]
             if self._copies_changes:
                 _copy_changes(connection, changes)
@@ -1017,7 +1026,10 @@ def _group_upsert(dialect: str) -> Any:
 
 
 def _task_upsert(dialect: str) -> Any:
-    statement = _dialect_insert(dialect, tasks)
+    return _on_conflict(_dialect_insert(dialect, tasks))
+
+
+def _on_conflict(statement: Any) -> Any:
     excluded = statement.excluded
     kept = {"uuid", "first_seen_at"}
     values = {c.name: excluded[c.name] for c in tasks.c if c.name not in kept}
@@ -1108,6 +1120,78 @@ _COPY_STORES_CHANGES = (
     " SELECT 1 FROM pg_rewrite AS r WHERE r.ev_class = c.oid AND r.ev_type = '3')"
     " FROM pg_class AS c WHERE c.oid = to_regclass(%s)"
 )
+
+
+def _may_stage_tasks(connection: Connection) -> bool:
+    """Whether tasks may be staged (see `_upsert_staged`): on PostgreSQL,
+    when the user may create temporary tables, which a database's owner
+    can withhold; then the rows go by executemany."""
+    if connection.dialect.name != "postgresql":
+        return False
+    with connection.begin():
+        allowed = connection.exec_driver_sql(
+            "SELECT has_database_privilege(current_database(), 'TEMPORARY')"
+        ).scalar()
+    return bool(allowed)
+
+
+def _upsert_tasks(
+    connection: Connection, rows: list[dict[str, Any]], *, staged: bool
+) -> None:
+    """Upsert the task rows of the pages written together."""
+    if staged and len(rows) >= STAGED_LEAST:
+        _upsert_staged(connection, rows)
+    else:
+        _execute_many(connection, _task_upsert, rows)
+
+
+def _upsert_staged(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    """Upsert task rows on PostgreSQL by COPY into a temporary table, and
+    one INSERT ... SELECT from it with the executemany's ON CONFLICT.
+
+    PostgreSQL runs each row of an executemany as a statement of its own,
+    and a first sync's writer spent most of its time waiting on them. The
+    one statement passes the same constraints, triggers, rules and row-level
+    security: a first sync took 0.80-0.88 x the time at 10,000 tasks and
+    0.84-0.86 x at 100,000. The table is created, if missing, in every
+    transaction, so that a pooler handing transactions to other sessions
+    still finds it; it empties at each commit.
+    """
+    columns = tuple(rows[0])
+    create, upsert = _staged_sql(connection.dialect, columns)
+    values = operator.itemgetter(*columns)
+    statement = f"COPY {STAGED_TASKS} ({', '.join(columns)}) FROM STDIN"
+    # The driver's statements pass SQLAlchemy's echo by: the debug log has them.
+    log.debug("%s: %d row(s), upserted into %s", statement, len(rows), tasks.name)
+    driver_connection: Any = connection.connection.driver_connection
+    with driver_connection.cursor() as cursor:
+        cursor.execute(create)
+        with cursor.copy(statement) as copy:
+            for row in rows:
+                copy.write_row(values(row))
+        cursor.execute(upsert)
+
+
+@functools.lru_cache(maxsize=8)
+def _staged_sql(dialect: Dialect, columns: tuple[str, ...]) -> tuple[str, str]:
+    """The statements that create the staging table of `columns` and upsert
+    from it.
+
+    The table takes the columns' types from `tasks` and none of its
+    constraints: a column the database's owner added to `tasks`, NOT NULL
+    with a default, is not staged, and takes its default as it would from
+    the executemany.
+    """
+    names = ", ".join(columns)
+    create = (
+        f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGED_TASKS} ON COMMIT DELETE ROWS"
+        f" AS SELECT {names} FROM {tasks.name} WITH NO DATA"
+    )
+    staged = table(STAGED_TASKS, *(column(name) for name in columns))
+    upsert = _on_conflict(
+        postgresql.insert(tasks).from_select(list(columns), select(*staged.c))
+    )
+    return create, str(upsert.compile(dialect=dialect))
 
 
 def _copy_changes(connection: Connection, changes: list[dict[str, Any]]) -> None:

@@ -13,7 +13,7 @@ from unittest import mock
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import Engine, select, text, update
+from sqlalchemy import Engine, func, select, text, update
 from synced import history
 from writers import TasksLock
 
@@ -1008,6 +1008,170 @@ def test_history_rows_pass_through_the_rules_on_their_table(
 
     assert copied == 0
     assert audited == ["a", "a", "b", "c"]
+
+
+ODD_TEXTS = ["tab\there", "two\nlines\r\n", "back\\slash \\N", "\\.", "回访 😀", "  "]
+
+
+def many_items(status: int = 2, **extra: Any) -> list[dict[str, Any]]:
+    """Enough tasks for one page to be staged on PostgreSQL, with odd text."""
+    return [
+        item(
+            f"t{i:02}",
+            status,
+            **{
+                "name": ODD_TEXTS[i % len(ODD_TEXTS)] + str(i),
+                "remark": ODD_TEXTS[-1 - i % len(ODD_TEXTS)],
+                "maximumcall": i * 1000,
+                "enable": i % 2 == 0,
+                **extra,
+            },
+        )
+        for i in range(store.STAGED_LEAST + 2)
+    ]
+
+
+def staged(caplog: pytest.LogCaptureFixture) -> int:
+    return sum(f"COPY {store.STAGED_TASKS}" in r.getMessage() for r in caplog.records)
+
+
+def test_tasks_staged_by_copy_keep_their_values(
+    db_url: str, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    # PostgreSQL upserts a page of this many tasks from a temporary table
+    # filled by COPY: its text form escapes tabs, newlines and backslashes.
+    first, later = many_items(2), many_items(1, remark="changed")
+    unchanged = first[:2]
+    with caplog.at_level(logging.DEBUG, logger="etl.store"):
+        write(engine, first)
+        counts = write(engine, unchanged + later[2:], T0 + timedelta(hours=1))
+
+    assert staged(caplog) == (2 if db_url.startswith("postgresql") else 0)
+    assert (counts.new, counts.changed) == (0, len(first) - 2)
+    with engine.connect() as connection:
+        rows = {row.uuid: row for row in connection.execute(select(tasks))}
+    for given in unchanged + later[2:]:
+        row = rows[given["uuid"]]
+        assert row.raw == given
+        assert (row.name, row.remark) == (
+            given["name"].strip(),
+            given["remark"].strip() or None,
+        )
+        assert (row.status, row.maximumcall, row.enable) == (
+            given["status"],
+            given["maximumcall"],
+            given["enable"],
+        )
+        assert row.created_at == datetime(2026, 1, 5, 1, 0, tzinfo=UTC)
+        assert row.first_seen_at == T0
+        changed = given in later
+        assert row.last_changed_at == (T0 + timedelta(hours=1) if changed else T0)
+        assert row.status_seen_at == row.last_changed_at
+    assert history(engine, "t02") == [("first_seen", None, 2), ("changed", 2, 1)]
+    assert history(engine, "t00") == [("first_seen", None, 2)]
+
+
+def test_tasks_go_one_by_one_without_the_right_to_temporary_tables(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Creating temporary tables is a right that a database's owner can take
+    # away; the upsert then goes by executemany.
+    owner = store.connect(DatabaseConfig(url=pg_url))
+    store.migrate(owner)
+    owner.dispose()
+    database = pg_url.rsplit("/", 1)[1]
+    role = f"writer_{database}"
+    as_superuser(
+        pg_url,
+        f"CREATE ROLE {role} LOGIN",
+        f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}",
+        f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}",
+        f"REVOKE TEMPORARY ON DATABASE {database} FROM PUBLIC",
+    )
+    engine = store.connect(
+        DatabaseConfig(url=pg_url.replace("//postgres@", f"//{role}@"))
+    )
+
+    with caplog.at_level(logging.DEBUG, logger="etl.store"):
+        counts = write(engine, many_items())
+    stored = task_row(engine, "t00")
+    engine.dispose()
+    as_superuser(pg_url, f"DROP OWNED BY {role}", f"DROP ROLE {role}")
+
+    assert (staged(caplog), counts.new) == (0, store.STAGED_LEAST + 2)
+    assert stored.name == "tab\there0"
+
+
+def test_a_column_the_owner_added_keeps_its_default_when_staged(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = store.connect(DatabaseConfig(url=pg_url))
+    store.migrate(engine)
+    added = "ALTER TABLE tasks ADD COLUMN team text NOT NULL DEFAULT 'ops'"
+    as_superuser(pg_url, added)
+
+    with caplog.at_level(logging.DEBUG, logger="etl.store"):
+        write(engine, many_items())
+    with engine.connect() as connection:
+        teams = connection.exec_driver_sql("SELECT DISTINCT team FROM tasks").all()
+    engine.dispose()
+
+    assert staged(caplog) == 1
+    assert teams == [("ops",)]
+
+
+def test_the_staging_table_is_made_again_in_a_transaction_that_lacks_it(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Behind a pooler that hands each transaction to any server session, the
+    # table made by one transaction is missing from the next one's session.
+    engine = store.connect(DatabaseConfig(url=pg_url))
+    store.migrate(engine)
+    run_id = runs.start_run(engine, "sync")
+    with (
+        caplog.at_level(logging.DEBUG, logger="etl.store"),
+        store.PageWriter(engine) as writer,
+    ):
+        writer.write(run_id, batch(many_items()), None)
+        assert writer._connection is not None
+        with writer._connection.begin():
+            writer._connection.exec_driver_sql(f"DROP TABLE {store.STAGED_TASKS}")
+        counts = writer.write(run_id, batch(many_items(1)), None)
+    engine.dispose()
+
+    assert staged(caplog) == 2
+    assert counts.changed == store.STAGED_LEAST + 2
+
+
+@pytest.mark.parametrize("refused", ["t00", f"t{store.STAGED_LEAST + 1:02}"])
+def test_a_staged_page_refused_by_the_database_is_not_written_at_all(
+    db_url: str, engine: Engine, refused: str
+) -> None:
+    with engine.begin() as connection:
+        if db_url.startswith("postgresql"):
+            connection.exec_driver_sql(
+                f"ALTER TABLE tasks ADD CONSTRAINT no_{refused}"
+                f" CHECK (uuid <> '{refused}')"
+            )
+        else:  # SQLite adds no constraint to a table: a trigger refuses it
+            connection.exec_driver_sql(
+                f"CREATE TRIGGER no_{refused} BEFORE INSERT ON tasks"
+                f" WHEN NEW.uuid = '{refused}' BEGIN SELECT RAISE(ABORT, 'no'); END"
+            )
+
+    with pytest.raises(StoreError) as raised:
+        write(engine, many_items())
+
+    message = str(raised.value)
+    assert message.startswith(
+        "account main-1:sub-1, endpoint /agent-api/user/{user_id}/task, page 1:"
+        " the page was not written:"
+    )
+    assert "\n" not in message
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(tasks)) == 0
+        counted = select(func.count()).select_from(task_status_changes)
+        assert connection.scalar(counted) == 0
 
 
 def test_a_writer_whose_connection_ends_fails_the_page_and_goes_on(

@@ -1032,7 +1032,8 @@ def many_items(status: int = 2, **extra: Any) -> list[dict[str, Any]]:
 
 
 def staged(caplog: pytest.LogCaptureFixture) -> int:
-    return sum(f"COPY {store.STAGED_TASKS}" in r.getMessage() for r in caplog.records)
+    copy = f"COPY pg_temp.{store.STAGED_TASKS}"
+    return sum(copy in r.getMessage() for r in caplog.records)
 
 
 def test_tasks_staged_by_copy_keep_their_values(
@@ -1120,27 +1121,65 @@ def test_a_column_the_owner_added_keeps_its_default_when_staged(
     assert teams == [("ops",)]
 
 
-def test_the_staging_table_is_made_again_in_a_transaction_that_lacks_it(
+def test_a_column_widened_between_pages_takes_what_it_now_holds(
     pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Behind a pooler that hands each transaction to any server session, the
-    # table made by one transaction is missing from the next one's session.
+    # A staging table kept for the session kept the types of its day, and
+    # a writer's connection outlives many pages: the widened column went
+    # on refusing the longer values, until the pool gave another one.
     engine = store.connect(DatabaseConfig(url=pg_url))
     store.migrate(engine)
+    as_superuser(pg_url, "ALTER TABLE tasks ALTER caller_line_id TYPE varchar(40)")
     run_id = runs.start_run(engine, "sync")
+    longer = "x" * 60
     with (
         caplog.at_level(logging.DEBUG, logger="etl.store"),
         store.PageWriter(engine) as writer,
     ):
         writer.write(run_id, batch(many_items()), None)
-        assert writer._connection is not None
-        with writer._connection.begin():
-            writer._connection.exec_driver_sql(f"DROP TABLE {store.STAGED_TASKS}")
-        counts = writer.write(run_id, batch(many_items(1)), None)
+        as_superuser(pg_url, "ALTER TABLE tasks ALTER caller_line_id TYPE text")
+        page = batch(many_items(caller_line_id=longer), T0 + timedelta(hours=1))
+        counts = writer.write(run_id, page, None)
+    stored = task_row(engine, "t00").caller_line_id
     engine.dispose()
 
     assert staged(caplog) == 2
-    assert counts.changed == store.STAGED_LEAST + 2
+    assert (counts.changed, stored) == (store.STAGED_LEAST + 2, longer)
+
+
+def test_a_table_named_as_the_staging_one_elsewhere_on_the_path_is_not_read(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # With the session's own schema last on the search path, the unqualified
+    # name found this table: its rows, which any user allowed to write it
+    # could put there, went into `tasks` with the writer's rights.
+    engine = store.connect(DatabaseConfig(url=pg_url))
+    store.migrate(engine)
+    write(engine, [item("planted")])  # moved into the other table below
+    database = pg_url.rsplit("/", 1)[1]
+    as_superuser(
+        pg_url,
+        f"ALTER DATABASE {database} SET search_path = public, pg_temp",
+        f"CREATE TABLE public.{store.STAGED_TASKS} AS TABLE tasks",
+        "DELETE FROM task_status_changes",
+        "DELETE FROM tasks",
+    )
+    engine.dispose()
+    engine = store.connect(DatabaseConfig(url=pg_url))  # sessions on that path
+
+    with caplog.at_level(logging.DEBUG, logger="etl.store"):
+        write(engine, many_items())
+        write(engine, many_items(1), T0 + timedelta(hours=1))
+    with engine.connect() as connection:
+        stored = set(connection.execute(select(tasks.c.uuid)).scalars())
+        planted_rows = connection.exec_driver_sql(
+            f"SELECT count(*) FROM public.{store.STAGED_TASKS}"
+        ).scalar()
+    engine.dispose()
+
+    assert staged(caplog) == 2
+    assert stored == {f"t{i:02}" for i in range(store.STAGED_LEAST + 2)}
+    assert planted_rows == 1
 
 
 @pytest.mark.parametrize("refused", ["t00", f"t{store.STAGED_LEAST + 1:02}"])

@@ -5,7 +5,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -937,6 +939,29 @@ def as_superuser(url: str, *statements: str) -> None:
     admin.dispose()
 
 
+@contextmanager
+def as_writer_role(url: str, *statements: str) -> Iterator[Engine]:
+    """An engine of a new role that is not a superuser, with every right on
+    the migrated tables, after the superuser ran `statements`."""
+    owner = store.connect(DatabaseConfig(url=url))
+    store.migrate(owner)
+    owner.dispose()
+    role = f"writer_{url.rsplit('/', 1)[1]}"
+    as_superuser(
+        url,
+        f"CREATE ROLE {role} LOGIN",
+        f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}",
+        f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}",
+        *statements,
+    )
+    engine = store.connect(DatabaseConfig(url=url.replace("//postgres@", f"//{role}@")))
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        as_superuser(url, f"DROP OWNED BY {role}", f"DROP ROLE {role}")
+
+
 def history_by_copy(engine: Engine, caplog: pytest.LogCaptureFixture) -> int:
     """Write three pages with a status change; how many went by COPY."""
     with caplog.at_level(logging.DEBUG, logger="etl.store"):
@@ -959,26 +984,13 @@ def test_history_rows_reach_a_table_under_row_level_security(
     pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # COPY refuses such a table: every page failed where INSERT had worked.
-    owner = store.connect(DatabaseConfig(url=pg_url))
-    store.migrate(owner)
-    owner.dispose()
-    role = f"writer_{pg_url.rsplit('/', 1)[1]}"
-    as_superuser(
+    with as_writer_role(
         pg_url,
-        f"CREATE ROLE {role} LOGIN",
-        f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}",
-        f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}",
         "ALTER TABLE task_status_changes ENABLE ROW LEVEL SECURITY",
         "CREATE POLICY everyone ON task_status_changes USING (true) WITH CHECK (true)",
-    )
-    engine = store.connect(
-        DatabaseConfig(url=pg_url.replace("//postgres@", f"//{role}@"))
-    )
-
-    copied = history_by_copy(engine, caplog)
-    rows = history(engine, "a")
-    engine.dispose()
-    as_superuser(pg_url, f"DROP OWNED BY {role}", f"DROP ROLE {role}")
+    ) as engine:
+        copied = history_by_copy(engine, caplog)
+        rows = history(engine, "a")
 
     assert copied == 0
     assert rows == [("first_seen", None, 2), ("changed", 2, 1)]
@@ -1077,27 +1089,14 @@ def test_tasks_go_one_by_one_without_the_right_to_temporary_tables(
 ) -> None:
     # Creating temporary tables is a right that a database's owner can take
     # away; the upsert then goes by executemany.
-    owner = store.connect(DatabaseConfig(url=pg_url))
-    store.migrate(owner)
-    owner.dispose()
     database = pg_url.rsplit("/", 1)[1]
-    role = f"writer_{database}"
-    as_superuser(
-        pg_url,
-        f"CREATE ROLE {role} LOGIN",
-        f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}",
-        f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}",
-        f"REVOKE TEMPORARY ON DATABASE {database} FROM PUBLIC",
-    )
-    engine = store.connect(
-        DatabaseConfig(url=pg_url.replace("//postgres@", f"//{role}@"))
-    )
-
-    with caplog.at_level(logging.DEBUG, logger="etl.store"):
+    revoked = f"REVOKE TEMPORARY ON DATABASE {database} FROM PUBLIC"
+    with (
+        as_writer_role(pg_url, revoked) as engine,
+        caplog.at_level(logging.DEBUG, logger="etl.store"),
+    ):
         counts = write(engine, many_items())
-    stored = task_row(engine, "t00")
-    engine.dispose()
-    as_superuser(pg_url, f"DROP OWNED BY {role}", f"DROP ROLE {role}")
+        stored = task_row(engine, "t00")
 
     assert (staged(caplog), counts.new) == (0, store.STAGED_LEAST + 2)
     assert stored.name == "tab\there0"

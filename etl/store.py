@@ -1161,19 +1161,13 @@ def _upsert_staged(connection: Connection, rows: list[dict[str, Any]]) -> None:
     lasts many runs: a column widened since refused what it now holds.
     Made per transaction, it cost nothing measurable.
     """
-    columns = tuple(rows[0])
-    create, upsert = _staged_sql(connection.dialect, columns)
-    values = operator.itemgetter(*columns)
-    statement = f"COPY pg_temp.{STAGED_TASKS} ({', '.join(columns)}) FROM STDIN"
-    # The driver's statements pass SQLAlchemy's echo by: the debug log has them.
-    log.debug("%s: %d row(s), upserted into %s", statement, len(rows), tasks.name)
+    create, upsert = _staged_sql(connection.dialect, tuple(rows[0]))
     driver_connection: Any = connection.connection.driver_connection
     with driver_connection.cursor() as cursor:
         cursor.execute(create)
-        with cursor.copy(statement) as copy:
-            for row in rows:
-                copy.write_row(values(row))
+        _copy_rows(connection, f"pg_temp.{STAGED_TASKS}", rows)
         cursor.execute(upsert)
+    log.debug("upserted into %s from pg_temp.%s", tasks.name, STAGED_TASKS)
 
 
 @functools.lru_cache(maxsize=8)
@@ -1202,19 +1196,23 @@ def _staged_sql(dialect: Dialect, columns: tuple[str, ...]) -> tuple[str, str]:
 
 def _copy_changes(connection: Connection, changes: list[dict[str, Any]]) -> None:
     """Insert history rows by PostgreSQL's COPY (see `_copy_stores_changes`),
-    in the transaction of their pages, through the driver's connection,
-    whose dumpers turn the driver values into COPY's text."""
-    if not changes:
-        return
-    columns = tuple(changes[0])
+    in the transaction of their pages."""
+    if changes:
+        _copy_rows(connection, task_status_changes.name, changes)
+
+
+def _copy_rows(connection: Connection, target: str, rows: list[dict[str, Any]]) -> None:
+    """COPY the rows, of the driver values, into the table `target`, through
+    the driver's connection, whose dumpers turn them into COPY's text."""
+    columns = tuple(rows[0])
     values = operator.itemgetter(*columns)
-    statement = f"COPY {task_status_changes.name} ({', '.join(columns)}) FROM STDIN"
+    statement = f"COPY {target} ({', '.join(columns)}) FROM STDIN"
     # The driver's statement passes SQLAlchemy's echo by: the debug log has it.
-    log.debug("%s: %d row(s)", statement, len(changes))
+    log.debug("%s: %d row(s)", statement, len(rows))
     driver_connection: Any = connection.connection.driver_connection
     with driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
-        for change in changes:
-            copy.write_row(values(change))
+        for row in rows:
+            copy.write_row(values(row))
 
 
 def _execute_as_values(

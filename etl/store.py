@@ -1392,7 +1392,7 @@ class SeenIds:
         return [
             uuid
             for uuid in uuids
-            if type(uuid) is not str or _digest(uuid) not in listed
+            if not isinstance(uuid, str) or _digest(uuid) not in listed
         ]
 
     def repeats(self) -> int:

@@ -835,6 +835,12 @@ def test_seen_ids_name_the_unlisted_ones_in_their_order(
     assert seen.unlisted(["task-0", "任务\ud83d", "task-2998"]) == ["任务\ud83d"]
     # SQLite may hold an id another tool stored as bytes: never listed.
     assert seen.unlisted([b"task-0", "task-0"]) == [b"task-0"]
+    # Both ways read a subclass of str as the text it is.
+    assert seen.unlisted([_Text("task-0"), _Text("task-1")]) == ["task-1"]
+
+
+class _Text(str):
+    """Text of a type of its own, as a driver or a column type could give."""
 
 
 def test_times_are_stored_in_the_form_sqlalchemy_gives_them(engine: Engine) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -53,6 +54,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "postgresql: runs against the throwaway PostgreSQL cluster"
     )
+    # A shell that starts the tests in the background has them ignore
+    # SIGINT, and every process they start inherits that: a test of what a
+    # Ctrl-C does to one would find it ignored. A handler of Python's own
+    # lets the started processes take SIGINT as usual.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

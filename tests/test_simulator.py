@@ -594,7 +594,7 @@ def test_run_serves_and_moves_the_clock_until_interrupted() -> None:
         "tasks_per_account=10)"
     )
     # faulthandler: a child that does not stop prints where each of its
-    # threads is when it is aborted below (it once hung, not reproduced).
+    # threads is when it is aborted below.
     child = subprocess.Popen(
         [sys.executable, "-X", "faulthandler", "-c", code],
         stdout=subprocess.PIPE,

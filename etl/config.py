@@ -8,6 +8,7 @@ Tokens may come from the environment so that they stay out of the file.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -370,10 +371,13 @@ def _read_api(reader: _Reader, environ: Mapping[str, str], tokens: bool) -> ApiC
             "max_pages",
             "ca_bundle",
             "endpoints",
+            "allow_plain_http",
         }
     )
     base_url = reader.require("base_url", str).rstrip("/")
-    problem = _base_url_problem(base_url)
+    problem = _base_url_problem(base_url) or _plain_http_problem(
+        base_url, reader.get("allow_plain_http", bool, False)
+    )
     if problem:
         reader.fail("base_url", problem)
     timezone = reader.get("timezone", str, "Asia/Shanghai")
@@ -447,6 +451,28 @@ def _base_url_problem(url: str) -> str | None:
             "fragment (a path prefix goes in [api.endpoints])"
         )
     return None
+
+
+def _plain_http_problem(url: str, allowed: bool) -> str | None:
+    """Refuse plain http to another machine unless `allowed`: every request
+    would carry the token unencrypted, and every answer the tasks' callback
+    URLs. To this machine it never leaves it, as with the simulator."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or allowed or _is_loopback(parts.hostname or ""):
+        return None
+    return (
+        "plain http:// would send the token unencrypted to another machine; use "
+        "https://, or set allow_plain_http = true in [api] if that is meant"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, not an address
+        return False
 
 
 def _read_rate(reader: _Reader, default: float) -> float:

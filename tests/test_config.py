@@ -448,6 +448,11 @@ def test_a_utf8_byte_order_mark_is_skipped(tmp_path: Path) -> None:
         # Empty, they are none to the URL parser; requests then went to "/".
         ("http://127.0.0.1:8800?", "without a path, query or fragment"),
         ("http://127.0.0.1:8800#", "without a path, query or fragment"),
+        # Plain http to another machine sends the token unencrypted.
+        ("http://ai.api.example.cn", "plain http:// would send the token"),
+        ("http://10.0.0.5:8800", "plain http:// would send the token"),
+        ("http://[2001:db8::1]", "plain http:// would send the token"),
+        ("http://localhost.example.cn", "plain http:// would send the token"),
     ],
     ids=[
         "port-too-big",
@@ -462,6 +467,10 @@ def test_a_utf8_byte_order_mark_is_skipped(tmp_path: Path) -> None:
         "fragment",
         "empty-query",
         "empty-fragment",
+        "plain-http-name",
+        "plain-http-address",
+        "plain-http-ipv6",
+        "plain-http-not-localhost",
     ],
 )
 def test_a_base_url_no_request_can_use_is_refused_at_load(
@@ -480,7 +489,13 @@ def test_a_base_url_no_request_can_use_is_refused_at_load(
 
 @pytest.mark.parametrize(
     "base_url",
-    ["https://ai.api.example.cn/", "http://127.0.0.1:65535", "http://[::1]:1"],
+    [
+        "https://ai.api.example.cn/",
+        "http://127.0.0.1:65535",
+        "http://127.8.0.1",
+        "http://[::1]:1",
+        "http://LocalHost:8800",
+    ],
 )
 def test_a_base_url_of_scheme_host_and_port_is_taken(
     tmp_path: Path, base_url: str
@@ -488,6 +503,17 @@ def test_a_base_url_of_scheme_host_and_port_is_taken(
     path = write(tmp_path, MINIMAL.replace("http://127.0.0.1:9", base_url))
 
     assert config.load(path, {}).api.base_url == base_url.rstrip("/")
+
+
+def test_plain_http_to_another_machine_is_taken_when_meant(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        'base_url = "http://127.0.0.1:9"',
+        'base_url = "http://gateway.internal:8080"\nallow_plain_http = true',
+    )
+
+    loaded = config.load(write(tmp_path, text), {})
+
+    assert loaded.api.base_url == "http://gateway.internal:8080"
 
 
 def test_missing_file_says_how_to_give_one(tmp_path: Path) -> None:

@@ -151,8 +151,8 @@ def sync(ctx: click.Context) -> None:
     Exit codes: 0 success, 1 failure (or past schedule.deadline), 2 bad
     configuration, 3 some accounts failed (the others were stored), 4
     another run held the lock of some account, which was skipped (nothing
-    failed), 130 stopped by Ctrl-C or SIGTERM after the pages being written
-    (a second signal exits at once).
+    failed), 130 stopped by Ctrl-C, SIGTERM or SIGHUP after the pages being
+    written (a second signal exits at once).
     """
 
     def action() -> int:
@@ -171,10 +171,10 @@ def sync(ctx: click.Context) -> None:
 def daemon(ctx: click.Context) -> None:
     """Sync on the [schedule] of the configuration until stopped.
 
-    SIGTERM or Ctrl-C stops it after the pages being written: the run is
-    recorded as "stopped" and the exit code is 0. A second signal exits at
-    once (143 or 130); nothing written is lost, and the next run marks the
-    cut run abandoned.
+    SIGTERM, SIGHUP or Ctrl-C stops it after the pages being written: the
+    run is recorded as "stopped" and the exit code is 0. A second signal
+    exits at once (143, 129 or 130); nothing written is lost, and the next
+    run marks the cut run abandoned.
     """
 
     def action() -> int:

@@ -45,7 +45,11 @@ from etl import store
 from etl.config import Config, ScheduleConfig
 from etl.errors import EtlError, RunNotBegun, bare_traceback
 from etl.sync import run_sync
-from etl.threads import leave_signals_to_the_main_thread, start_leaving_signals
+from etl.threads import (
+    STOP_SIGNALS,
+    leave_signals_to_the_main_thread,
+    start_leaving_signals,
+)
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +295,7 @@ def run_daemon(
     stop: threading.Event | None = None,
     engine: Engine | None = None,
 ) -> int:
-    """Sync on the schedule until `stop` is set, or else until SIGTERM or SIGINT.
+    """Sync on the schedule until `stop` is set, or else until a stop signal.
 
     Returns the exit code: 0 once the run in progress stopped cleanly.
     """
@@ -458,7 +462,9 @@ def describe(schedule: ScheduleConfig) -> str:
 
 @contextmanager
 def stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """Turn the first SIGTERM or SIGINT into `stop`; a second exits at once.
+    """Turn the first SIGTERM, SIGINT or SIGHUP into `stop`; a second exits
+    at once. A signal the process was started ignoring (by `nohup`, or as a
+    shell's background job) stays ignored.
 
     Exiting at once cannot corrupt the database: every page is written in one
     transaction, so `os._exit` loses at most the page in flight, which the
@@ -481,7 +487,7 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
             threading.Thread(target=_ask_to_stop, args=(stop, name), name="stop")
         )
 
-    signals = (signal.SIGTERM, signal.SIGINT)
+    signals = [n for n in STOP_SIGNALS if signal.getsignal(n) != signal.SIG_IGN]
     previous = {number: signal.signal(number, handle) for number in signals}
     try:
         yield

@@ -1,15 +1,23 @@
-"""The threads the product starts leave SIGTERM and SIGINT to the main one."""
+"""The threads the product starts leave the stop signals to the main one."""
 
 from __future__ import annotations
 
 import signal
 import threading
 
-_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+# The signals that stop a run: SIGHUP too, which a closing terminal or a
+# service manager sends, and which otherwise ended a daemon mid-run without
+# a word, its run left recorded as running.
+STOP_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in ("SIGTERM", "SIGINT", "SIGHUP")
+    if hasattr(signal, name)  # Windows has no SIGHUP
+)
+_SIGNALS = set(STOP_SIGNALS)
 
 
 def leave_signals_to_the_main_thread() -> None:
-    """Block SIGTERM and SIGINT in this thread and the threads it starts.
+    """Block the stop signals in this thread and the threads it starts.
 
     Python runs a signal's handler in the main thread only. A signal that
     the kernel gave to another thread waited until the main thread woke on
@@ -22,7 +30,7 @@ def leave_signals_to_the_main_thread() -> None:
 
 
 def start_leaving_signals(thread: threading.Thread) -> None:
-    """Start `thread` with SIGTERM and SIGINT blocked from its first moment.
+    """Start `thread` with the stop signals blocked from its first moment.
 
     A thread inherits the signals its starter blocks. Started by the main
     thread, one that blocked them itself took them until it got to that,

@@ -73,12 +73,16 @@ def started(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """Start `task-etl COMMAND`; whatever is still running at the end is killed."""
     processes: list[Daemon] = []
 
-    def start(path: Path, command: str = "daemon") -> Daemon:
+    def start(
+        path: Path, command: str = "daemon", ignoring: tuple[int, ...] = ()
+    ) -> Daemon:
+        """Start it, with the signals in `ignoring` ignored as `nohup` does."""
         log_path = tmp_path / f"{command}-{len(processes)}.log"
+        ignored = "".join(f"signal.signal({n}, signal.SIG_IGN); " for n in ignoring)
+        code = f"import signal; {ignored}from etl.cli import main; main()"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-c", "from etl.cli import main; main()"]
-                + ["--config", str(path), command],
+                [sys.executable, "-c", code, "--config", str(path), command],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "TASK_ETL_TOKEN": TOKEN},
@@ -172,20 +176,24 @@ def test_runs_start_on_schedule_and_never_overlap(
     assert "daemon stopped" in daemon.log
 
 
-def test_sigterm_mid_run_stops_after_the_page_and_exits_0(
+# SIGHUP, from a closing terminal or a service manager, ended the daemon
+# mid-run without a word, its run left recorded as running.
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_mid_run_stops_after_the_page_and_exits_0(
     tmp_path: Path,
     server: SimServer,
     simulator: Simulator,
     db_url: str,
     engine: Engine,
     started: Callable[..., Daemon],
+    signum: signal.Signals,
 ) -> None:
     add_tasks(simulator, 16, only_main=True)
     simulator.delay = 0.05
     daemon = started(write_config(tmp_path, server, simulator, db_url))
 
     wait_until(lambda: count(engine, tasks) > 0, "a first page stored")
-    code = daemon.stop(signal.SIGTERM)
+    code = daemon.stop(signum)
 
     assert code == 0, daemon.log
     (run,) = all_runs(engine)
@@ -193,11 +201,37 @@ def test_sigterm_mid_run_stops_after_the_page_and_exits_0(
     assert run.finished_at is not None
     assert run.pages > 0
     assert run.tasks_seen == count(engine, tasks)
-    assert "SIGTERM received: stopping after the pages being written" in daemon.log
+    assert f"{signum.name} received: stopping after the pages being" in daemon.log
+
+
+def test_a_daemon_started_ignoring_sighup_goes_on_after_one(
+    tmp_path: Path,
+    server: SimServer,
+    simulator: Simulator,
+    db_url: str,
+    engine: Engine,
+    started: Callable[..., Daemon],
+) -> None:
+    # Under nohup, the terminal closing must not stop it.
+    add_tasks(simulator, 16, only_main=True)
+    simulator.delay = 0.05
+    config = write_config(tmp_path, server, simulator, db_url)
+    daemon = started(config, ignoring=(signal.SIGHUP,))
+
+    wait_until(lambda: count(engine, tasks) > 0, "a first page stored")
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: len(finished_runs(engine)) >= 2, "two runs")
+    running = daemon.process.poll() is None
+    code = daemon.stop(signal.SIGTERM)
+
+    assert running, daemon.log
+    assert code == 0, daemon.log
+    assert all_runs(engine)[0].outcome == "succeeded", daemon.log
+    assert "SIGHUP" not in daemon.log
 
 
 @pytest.mark.parametrize("command", ["sync", "backfill"])
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_stops_a_sync_or_backfill_which_exits_130(
     tmp_path: Path,
     server: SimServer,
@@ -252,8 +286,10 @@ def test_a_stopped_sync_exits_without_waiting_for_answers_in_flight(
     assert "Traceback" not in run_process.log
 
 
-# SIGTERM and SIGINT as bits of a /proc signal mask.
-TERM_AND_INT = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))
+# SIGTERM, SIGINT and SIGHUP as bits of a /proc signal mask.
+STOP_MASK = sum(
+    1 << (number - 1) for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+)
 
 
 def blocked_signals(pid: int) -> dict[int, int]:
@@ -279,7 +315,7 @@ def started_with_signals_left_to_main(pid: int, threads: int) -> dict[int, int]:
     passes, and the wait fails.
     """
     masks = blocked_signals(pid)
-    if len(masks) >= threads and masks[pid] & TERM_AND_INT == 0:
+    if len(masks) >= threads and masks[pid] & STOP_MASK == 0:
         return masks
     return {}
 
@@ -310,12 +346,12 @@ def test_signals_go_to_the_main_thread(
     threads = THREADS_OF_A_RUN[command]
     masks = wait_until(
         lambda: started_with_signals_left_to_main(pid, threads),
-        "a run's walks started, the main thread taking SIGTERM and SIGINT",
+        "a run's walks started, the main thread taking the stop signals",
     )
 
     del masks[pid]
-    assert {tid: mask & TERM_AND_INT for tid, mask in masks.items()} == dict.fromkeys(
-        masks, TERM_AND_INT
+    assert {tid: mask & STOP_MASK for tid, mask in masks.items()} == dict.fromkeys(
+        masks, STOP_MASK
     )
 
 

@@ -13,6 +13,7 @@ body: those may hold secrets or customers' callback URLs.
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import logging
@@ -54,7 +55,8 @@ _CHUNK = 64 * 1024
 _BODY_FLOOR = 16 * 2**20
 _BODY_PER_ITEM = 64 * 1024
 MESSAGE_LIMIT = 200
-_URL = re.compile(r"[a-z][a-z0-9+.-]*://\S*", re.IGNORECASE)
+# A URL as it is, or percent-encoded as a parameter of another URL.
+_URL = re.compile(r"[a-z][a-z0-9+.-]*(?:://|%3a%2f%2f)\S*", re.IGNORECASE)
 _DIGITS = re.compile(r"[0-9]+")
 # The schemes of proxies that requests knows, named in errors; another word
 # before "://" could be a user name typed in the wrong place.
@@ -197,7 +199,7 @@ class Client:
     ) -> None:
         self.api = api
         self._tokens = dict(tokens or {})
-        self._secrets = tuple({api.token, *self._tokens.values()} - {""})
+        self._secrets = _written_forms({api.token, *self._tokens.values()} - {""})
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._limiter = limiter or RateLimiter(api.requests_per_second, sleep=sleep)
@@ -1104,6 +1106,19 @@ def _whole_number(value: object) -> int | None:
     if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
         return int(value.strip())
     return None
+
+
+def _written_forms(secrets: set[str]) -> tuple[str, ...]:
+    """The secrets as a message may hold them: as they are, percent-encoded,
+    or in base64 as an Authorization header carries them; longest first, so
+    that no form is left half hidden by a shorter one."""
+    forms = set(secrets)
+    for secret in secrets:
+        forms.add(quote(secret, safe=""))
+        encoded = secret.encode()
+        for form in (base64.b64encode(encoded), base64.urlsafe_b64encode(encoded)):
+            forms.add(form.decode().rstrip("="))
+    return tuple(sorted(forms, key=len, reverse=True))
 
 
 def _kind(value: object) -> str:

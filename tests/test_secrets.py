@@ -9,6 +9,7 @@ certificate made at test time with the openssl command.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import shutil
@@ -17,6 +18,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -91,12 +93,20 @@ def callback_urls(simulator: Simulator) -> list[str]:
 def secrets_in(text: str, secrets: list[str]) -> list[str]:
     found = []
     for secret in secrets:
-        # The URL, its private host and its key must each stay out.
+        # The URL, its private host and its key must each stay out, and so
+        # must each in the forms another URL or a header gives it.
         parts = [secret]
         if "://" in secret:
             parts += [secret.split("/")[2].split(":")[0], secret.split("key=")[-1]]
+        for part in list(parts):
+            parts += [quote(part, safe=""), encoded(part)]
         found += [part for part in parts if part in text]
     return found
+
+
+def encoded(secret: str) -> str:
+    """The secret in base64, as an Authorization header carries it."""
+    return base64.b64encode(secret.encode()).decode().rstrip("=")
 
 
 def sim_config(url: str, simulator: Simulator, **api: Any) -> Config:
@@ -185,7 +195,10 @@ def test_no_secret_reaches_logs_errors_or_tables(
 def sync_echoing_platform(platform: Platform, engine: Engine) -> list[RunSummary]:
     """A platform that echoes the token and callback URLs in its errors, and
     lists items the sync must reject, callback URL and all."""
-    echo = f"invalid token {TOKEN} for {CALLBACK}".encode()
+    echo = (
+        f"invalid token {TOKEN} for {CALLBACK}; token {encoded(TOKEN)}, callback "
+        f"{quote(CALLBACK, safe='')}"
+    ).encode()
     platform.script("e1", Reply(401, b'{"code":401,"message":"%s"}' % echo))
     platform.script("e2", Reply(500, b"<html>%s</html>" % echo))
     platform.script("e3", Reply(body=envelope([], code=10001, message=echo.decode())))

@@ -379,6 +379,7 @@ class Daemon:
         except Exception as exc:
             log.error("the run crashed; the daemon goes on\n%s", bare_traceback(exc))
         finally:
+            store.shrink_wal(self.engine)
             self._idle.set()
         self._log_next_run()
 

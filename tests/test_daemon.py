@@ -204,6 +204,30 @@ def test_a_signal_mid_run_stops_after_the_page_and_exits_0(
     assert f"{signum.name} received: stopping after the pages being" in daemon.log
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_daemon_empties_sqlites_wal_between_runs(
+    tmp_path: Path,
+    server: SimServer,
+    simulator: Simulator,
+    db_url: str,
+    engine: Engine,
+    started: Callable[..., Daemon],
+) -> None:
+    # Its pooled connections kept the file at its largest for good: beside a
+    # small database, thirty times the database's size.
+    add_tasks(simulator, 16)
+    wal = Path(db_url.removeprefix("sqlite:///") + "-wal")
+    daemon = started(write_config(tmp_path, server, simulator, db_url))
+
+    wait_until(lambda: len(finished_runs(engine)) >= 2, "two runs")
+    written = wait_until(lambda: wal.stat().st_size, "a run writing to the WAL")
+    wait_until(lambda: wal.stat().st_size == 0, "the WAL emptied after a run")
+    code = daemon.stop()
+
+    assert written > 0
+    assert code == 0, daemon.log
+
+
 def test_a_daemon_started_ignoring_sighup_goes_on_after_one(
     tmp_path: Path,
     server: SimServer,

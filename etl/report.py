@@ -44,10 +44,14 @@ def describe_run(summary: RunSummary) -> str:
         f"{counts.status_changes} status changes; {counts.rejected} rejected items; "
         f"{counts.bad_values} unreadable values stored as NULL.",
     ]
-    if summary.accounts_skipped:
+    if summary.accounts_skipped == 1:
+        lines.append(
+            "Skipped: 1 account, whose lock another run held (the warnings name it)."
+        )
+    elif summary.accounts_skipped:
         lines.append(
             f"Skipped: {summary.accounts_skipped} accounts, whose lock another run "
-            "held (the warnings name it)."
+            "held (the warnings name them)."
         )
     lines.extend(f"Failed: {error}" for error in summary.errors)
     return "\n".join(lines)

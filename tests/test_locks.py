@@ -348,7 +348,10 @@ def test_sync_skips_a_locked_account_and_names_the_holder(
         f"{os.getpid()}" in caplog.text
     )
     assert stored_tasks(engine, locked) == 0
-    assert "Skipped: 1 accounts, whose lock another run held" in describe_run(summary)
+    assert (
+        "Skipped: 1 account, whose lock another run held (the warnings name it)"
+        in describe_run(summary)
+    )
     with engine.connect() as connection:
         run = connection.execute(select_rows(sync_runs)).one()
         walks = connection.execute(select_rows(sync_run_accounts)).all()

@@ -6,8 +6,10 @@ Results go to stdout; logs go to stderr. An expected failure is one line,
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -106,6 +108,26 @@ def setup_logging(verbose: int, quiet: bool) -> None:
         )
 
 
+def say(text: str, *, err: bool = False) -> None:
+    """Print the command's words, if anything still reads them.
+
+    A terminal closed mid-run, or a reader gone (`| head`), failed the print
+    of a run's summary after the run was done and recorded: the command
+    exited 1 with a traceback instead of its own code. The stream then goes
+    to /dev/null, so that nothing printed after it fails too.
+    """
+    stream = sys.stderr if err else sys.stdout
+    try:
+        click.echo(text, err=err)
+        stream.flush()
+    except OSError as exc:
+        if exc.errno not in (errno.EIO, errno.EPIPE):
+            raise
+        nowhere = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(nowhere, stream.fileno())
+        os.close(nowhere)
+
+
 def run_command(ctx: click.Context, action: Callable[[], int]) -> NoReturn:
     """Run a command body, turning our errors into one line and an exit code."""
     context: Context = ctx.obj
@@ -114,10 +136,10 @@ def run_command(ctx: click.Context, action: Callable[[], int]) -> NoReturn:
     except EtlError as exc:
         if context.traceback:
             log.exception("traceback")
-        click.echo(f"Error: {exc}", err=True)
+        say(f"Error: {exc}", err=True)
         code = exc.exit_code
     except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
+        say("Interrupted.", err=True)
         code = 130
     ctx.exit(code)
 
@@ -135,9 +157,9 @@ def migrate(ctx: click.Context) -> None:
         # recounts them when api.timezone changed.
         rollup.refresh_daily_counts(engine, config.api.zone)
         if before == after:
-            click.echo(f"Database already at the current schema ({after}).")
+            say(f"Database already at the current schema ({after}).")
         else:
-            click.echo(f"Database migrated from {before or 'empty'} to {after}.")
+            say(f"Database migrated from {before or 'empty'} to {after}.")
         return EXIT_OK
 
     run_command(ctx, action)
@@ -160,7 +182,7 @@ def sync(ctx: click.Context) -> None:
         stop = threading.Event()
         with schedule.stop_on_signals(stop):
             summary = run_sync(config, stop=stop, deadline=config.schedule.deadline)
-        click.echo(report.describe_run(summary))
+        say(report.describe_run(summary))
         return summary.exit_code
 
     run_command(ctx, action)
@@ -249,7 +271,7 @@ def backfill(
                     progress=progress,
                     stop=stop,
                 )
-            click.echo(report.describe_replay(replayed))
+            say(report.describe_replay(replayed))
             return replayed.exit_code
         with (
             schedule.stop_on_signals(stop),
@@ -262,7 +284,7 @@ def backfill(
                 progress=progress,
                 stop=stop,
             )
-        click.echo(report.describe_run(summary))
+        say(report.describe_run(summary))
         return summary.exit_code
 
     run_command(ctx, action)
@@ -303,7 +325,7 @@ def status(
         config = ctx.obj.config(tokens=False)
         engine = store.connect(config.database, read_only=True)
         store.check_schema(engine)
-        click.echo(report.describe_status(engine, limit))
+        say(report.describe_status(engine, limit))
         main_user_ids = [main.user_id for main in config.accounts]
         checks = [
             (max_age, report.GOOD_SYNC),
@@ -317,7 +339,7 @@ def status(
             if age is not None
         ]
         for problem in filter(None, problems):
-            click.echo(f"Error: {problem}", err=True)
+            say(f"Error: {problem}", err=True)
         return EXIT_STALE if any(problems) else EXIT_OK
 
     run_command(ctx, action)
@@ -365,9 +387,7 @@ def report_command(
             # An empty period, and past year 9999 a traceback.
             message = f"{start:%Y-%m-%d %H:%M} is in the future ({config.api.timezone})"
             raise click.BadParameter(message, param_hint="'--since'")
-        click.echo(
-            html_report.run_report(config, days=days, since=start, html_path=html_path)
-        )
+        say(html_report.run_report(config, days=days, since=start, html_path=html_path))
         return EXIT_OK
 
     run_command(ctx, action)
@@ -504,7 +524,7 @@ def demo(ctx: click.Context, path: Path) -> None:
     """Simulator + migrate + three syncs into a local SQLite file, with a summary."""
 
     def action() -> int:
-        click.echo(demo_module.run_demo(path))
+        say(demo_module.run_demo(path))
         return EXIT_OK
 
     run_command(ctx, action)

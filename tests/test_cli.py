@@ -1,3 +1,4 @@
+import os
 import signal
 import socket
 import sqlite3
@@ -119,6 +120,29 @@ def test_wrong_token_fails_every_account_without_showing_it(
     assert "failed" in result.stdout
     assert "token" in result.output
     assert "not-the-token" not in result.output
+
+
+def test_a_sync_whose_reader_is_gone_exits_with_its_own_code(
+    tmp_path: Path, server: SimServer, simulator: Simulator, sqlite_url: str
+) -> None:
+    # A closed terminal, or a reader gone, failed the print of the summary of
+    # a run done and recorded: exit 1 and a traceback instead of its code.
+    config = str(write_config(tmp_path, server, simulator, sqlite_url))
+    invoke("--config", config, "migrate")
+    command = Path(sys.executable).parent / "task-etl"
+    process = subprocess.Popen(
+        [str(command), "--config", config, "sync"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "TASK_ETL_TOKEN": "sim-token"},
+    )
+    assert process.stdout is not None
+    process.stdout.close()  # nothing will read the summary
+    _, err = process.communicate(timeout=60)
+
+    assert process.returncode == 0, err.decode()
+    assert b"Traceback" not in err
+    assert b"run 1 succeeded" in err
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,9 @@ MOST_PARALLEL = 64
 # A faster rate is a typo; a slower one spaces requests past LONGEST_WAIT.
 REQUEST_RATES = (0.001, 100_000.0)
 
+# A host, or an address in brackets, and perhaps a port: all a base URL's
+# network location may hold.
+_HOST_AND_PORT = re.compile(r"(?:\[[^\[\]]*\]|[^\[\]:@]+)(?::[0-9]*)?")
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([smhdSMHD]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -441,6 +444,10 @@ def _base_url_problem(url: str) -> str | None:
         return problem
     if not parts.hostname:
         return "must name a host, as https://HOST or https://HOST:PORT"
+    if not _HOST_AND_PORT.fullmatch(parts.netloc.rpartition("@")[2]):
+        # The parser takes the address in brackets and drops what follows
+        # it ("[::1]evil.com"), which requests then refused for every page.
+        return "not a URL; expected https://HOST or https://HOST:PORT"
     if parts.username is not None:
         return "must not hold a user name or password; the token authenticates"
     # An empty query or fragment ("https://HOST?") is none to urlsplit, but

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from functools import cache, lru_cache
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, quote_plus, urlencode
 
 import requests
 import urllib3
@@ -55,8 +55,16 @@ _CHUNK = 64 * 1024
 _BODY_FLOOR = 16 * 2**20
 _BODY_PER_ITEM = 64 * 1024
 MESSAGE_LIMIT = 200
-# A URL as it is, or percent-encoded as a parameter of another URL.
-_URL = re.compile(r"[a-z][a-z0-9+.-]*(?:://|%3a%2f%2f)\S*", re.IGNORECASE)
+# A URL as it is, or as another URL's parameter (percent-encoded, once or
+# twice, or only in part), or as a person wrote it (a full-width colon, the
+# scheme in quotes, a space after the slashes).
+_URL = re.compile(
+    r"[a-z][a-z0-9+.-]*[\"']?(?::|\uff1a|%3a|%253a)(?:/|%2f|%252f){2}\s?\S*",
+    re.IGNORECASE,
+)
+# Forms of a token shorter than this are not hidden: they could be any word.
+# The token itself always is.
+SHORTEST_HIDDEN_FORM = 8
 _DIGITS = re.compile(r"[0-9]+")
 # The schemes of proxies that requests knows, named in errors; another word
 # before "://" could be a user name typed in the wrong place.
@@ -199,7 +207,7 @@ class Client:
     ) -> None:
         self.api = api
         self._tokens = dict(tokens or {})
-        self._secrets = _written_forms({api.token, *self._tokens.values()} - {""})
+        self._secrets = _secrets_pattern({api.token, *self._tokens.values()} - {""})
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._limiter = limiter or RateLimiter(api.requests_per_second, sleep=sleep)
@@ -515,8 +523,8 @@ class Client:
             return json.dumps(value)
         if not isinstance(value, str):
             return f"<a JSON {_kind(value)}>"
-        for secret in self._secrets:
-            value = value.replace(secret, "***")
+        if self._secrets is not None:
+            value = self._secrets.sub("***", value)
         # Cut before looking for URLs: the pattern backtracks on a long run of
         # letters, and a message of a million held the process for most of
         # an hour. A URL the cut goes through keeps its scheme and is hidden.
@@ -1108,17 +1116,37 @@ def _whole_number(value: object) -> int | None:
     return None
 
 
-def _written_forms(secrets: set[str]) -> tuple[str, ...]:
-    """The secrets as a message may hold them: as they are, percent-encoded,
-    or in base64 as an Authorization header carries them; longest first, so
-    that no form is left half hidden by a shorter one."""
-    forms = set(secrets)
-    for secret in secrets:
-        forms.add(quote(secret, safe=""))
-        encoded = secret.encode()
-        for form in (base64.b64encode(encoded), base64.urlsafe_b64encode(encoded)):
-            forms.add(form.decode().rstrip("="))
-    return tuple(sorted(forms, key=len, reverse=True))
+def _secrets_pattern(secrets: set[str]) -> re.Pattern[str] | None:
+    """What finds the secrets in a message, in any case and in the forms a
+    message may hold them (see `_written_forms`); longest first, so that no
+    form is left half hidden by a shorter one."""
+    forms = {form for secret in secrets for form in _written_forms(secret)}
+    if not forms:
+        return None
+    ordered = sorted(forms, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, ordered)), re.IGNORECASE)
+
+
+def _written_forms(secret: str) -> set[str]:
+    """The secret as it is, percent-encoded (whole, leaving slashes, for a
+    form, twice), in hex, and in base64 however many bytes came before it,
+    as in an Authorization header ("Bearer ..." or "user:...")."""
+    forms = {
+        quote(secret, safe=""),
+        quote(secret),
+        quote_plus(secret),
+        quote(quote(secret, safe=""), safe=""),
+        secret.encode().hex(),
+    }
+    for before in range(3):
+        # Each base64 character stands for 6 bits: keep those that stand
+        # for the secret's bits alone, whatever comes before or after it.
+        data = b"\0" * before + secret.encode()
+        first, end = -(-8 * before // 6), 8 * len(data) // 6
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            forms.add(encode(data).decode()[first:end])
+    found = {form for form in forms if len(form) >= SHORTEST_HIDDEN_FORM}
+    return found | {secret}
 
 
 def _kind(value: object) -> str:

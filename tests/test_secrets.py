@@ -109,6 +109,23 @@ def encoded(secret: str) -> str:
     return base64.b64encode(secret.encode()).decode().rstrip("=")
 
 
+# The token and the callback URL as a platform's message may echo them.
+ECHOED = [
+    TOKEN.upper(),
+    quote(TOKEN, safe="").lower(),
+    quote(quote(TOKEN, safe=""), safe=""),
+    TOKEN.encode().hex(),
+    encoded(TOKEN),
+    base64.b64encode(f"Bearer {TOKEN}".encode()).decode(),
+    base64.b64encode(f"user:{TOKEN}".encode()).decode(),
+    quote(CALLBACK, safe=""),
+    quote(quote(CALLBACK, safe=""), safe=""),
+    CALLBACK.replace("/", "%2F"),
+    CALLBACK.replace(":", "\uff1a", 1),
+    CALLBACK.replace("://", ":// "),
+]
+
+
 def sim_config(url: str, simulator: Simulator, **api: Any) -> Config:
     first, second = simulator.main_user_ids()
     return Config(
@@ -179,7 +196,7 @@ def test_no_secret_reaches_logs_errors_or_tables(
         summaries.append(quick_sync(wrong, engine))
         summaries += sync_echoing_platform(platform, engine)
 
-    secrets = [SIM_TOKEN, OWN_TOKEN, WRONG_TOKEN, TOKEN, CALLBACK]
+    secrets = [SIM_TOKEN, OWN_TOKEN, WRONG_TOKEN, TOKEN, CALLBACK, *ECHOED]
     secrets += callback_urls(simulator)
     outcomes = {summary.outcome for summary in summaries}
     assert {"succeeded", "partial", "failed"} <= outcomes
@@ -195,10 +212,7 @@ def test_no_secret_reaches_logs_errors_or_tables(
 def sync_echoing_platform(platform: Platform, engine: Engine) -> list[RunSummary]:
     """A platform that echoes the token and callback URLs in its errors, and
     lists items the sync must reject, callback URL and all."""
-    echo = (
-        f"invalid token {TOKEN} for {CALLBACK}; token {encoded(TOKEN)}, callback "
-        f"{quote(CALLBACK, safe='')}"
-    ).encode()
+    echo = f"invalid token {TOKEN} for {CALLBACK}; {'; '.join(ECHOED)}".encode()
     platform.script("e1", Reply(401, b'{"code":401,"message":"%s"}' % echo))
     platform.script("e2", Reply(500, b"<html>%s</html>" % echo))
     platform.script("e3", Reply(body=envelope([], code=10001, message=echo.decode())))

@@ -207,7 +207,9 @@ class Client:
     ) -> None:
         self.api = api
         self._tokens = dict(tokens or {})
-        self._secrets = _secrets_pattern({api.token, *self._tokens.values()} - {""})
+        secrets = {api.token, *self._tokens.values()} - {""}
+        self._secrets = _secrets_pattern(secrets)
+        self._secrets_longest = max(map(len, _all_forms(secrets)), default=0)
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._limiter = limiter or RateLimiter(api.requests_per_second, sleep=sleep)
@@ -523,16 +525,33 @@ class Client:
             return json.dumps(value)
         if not isinstance(value, str):
             return f"<a JSON {_kind(value)}>"
-        if self._secrets is not None:
-            value = self._secrets.sub("***", value)
         # Cut before looking for URLs: the pattern backtracks on a long run of
         # letters, and a message of a million held the process for most of
         # an hour. A URL the cut goes through keeps its scheme and is hidden.
-        window = value[: 2 * MESSAGE_LIMIT]
+        window = self._without_secrets(value, 2 * MESSAGE_LIMIT)
         text = _URL.sub("<url>", window)
-        if len(text) > MESSAGE_LIMIT or len(window) < len(value):
+        if len(text) > MESSAGE_LIMIT or 2 * MESSAGE_LIMIT < len(value):
             text = text[:MESSAGE_LIMIT] + "..."
         return repr(text)
+
+    def _without_secrets(self, value: str, limit: int) -> str:
+        """The first `limit` characters of `value`, each secret among them
+        replaced whole, even one the cut goes through.
+
+        Only that much is looked at: looking through a body of 16 MB for
+        every form of every secret took two seconds.
+        """
+        if self._secrets is None:
+            return value[:limit]
+        seen = value[: limit + self._secrets_longest]
+        parts, at = [], 0
+        for match in self._secrets.finditer(seen):
+            if match.start() >= limit:
+                break
+            parts += [seen[at : match.start()], "***"]
+            at = match.end()
+        parts.append(seen[at:limit])
+        return "".join(parts)
 
     def _wait_to_retry(self, error: RetryableApiError, attempt: int) -> None:
         if error.retry_after is not None:
@@ -1120,11 +1139,15 @@ def _secrets_pattern(secrets: set[str]) -> re.Pattern[str] | None:
     """What finds the secrets in a message, in any case and in the forms a
     message may hold them (see `_written_forms`); longest first, so that no
     form is left half hidden by a shorter one."""
-    forms = {form for secret in secrets for form in _written_forms(secret)}
+    forms = _all_forms(secrets)
     if not forms:
         return None
     ordered = sorted(forms, key=len, reverse=True)
     return re.compile("|".join(map(re.escape, ordered)), re.IGNORECASE)
+
+
+def _all_forms(secrets: set[str]) -> set[str]:
+    return {form for secret in secrets for form in _written_forms(secret)}
 
 
 def _written_forms(secret: str) -> set[str]:

@@ -229,6 +229,27 @@ def sync_echoing_platform(platform: Platform, engine: Engine) -> list[RunSummary
     return [summary]
 
 
+def test_a_token_where_a_long_message_is_cut_is_hidden_whole(
+    engine: Engine,
+) -> None:
+    # Only the start of a message is looked through; a token the cut went
+    # through showed its first half.
+    cut = 400  # where the message is cut, before hiding shortens it
+    message = TOKEN * (cut // len(TOKEN) - 1)
+    message += "y" * (cut - len(TOKEN) // 2 - len(message)) + TOKEN + "z" * 1000
+    with serve() as platform:
+        platform.script("u1", Reply(401, json.dumps({"message": message}).encode()))
+        config = Config(
+            database=DatabaseConfig(url="unused://"),
+            api=ApiConfig(base_url=platform.url, token=TOKEN, max_retries=0),
+            accounts=(MainAccount(user_id="u1"),),
+        )
+        (error,) = quick_sync(config, engine).errors
+
+    assert "y***" in error
+    assert TOKEN[: len(TOKEN) // 2] not in error
+
+
 def test_cli_sync_and_status_show_no_secret(tmp_path: Path, sqlite_url: str) -> None:
     simulator = Simulator(seed=8, main_accounts=2, sub_accounts=1, token=SIM_TOKEN)
     first, second = simulator.main_user_ids()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import socket
 import threading
@@ -44,6 +45,11 @@ T = TypeVar("T")
 
 # How often a waiting comer tries again; short against any sensible wait.
 RETRY_EVERY = 0.25
+# How old, when a page is written, the last sign of life of the session
+# holding PostgreSQL's advisory locks may be. The server frees a session's
+# locks when it ends, and another run may take them at once; the heartbeat
+# alone noticed only a third of a lease later, pages written all along.
+SESSION_CHECK_SECONDS = 1.0
 # PostgreSQL keeps application_name to 63 bytes.
 APPLICATION_NAME_LIMIT = 63
 
@@ -199,6 +205,7 @@ class AdvisoryLocks(AccountLocks):
         super().__init__(engine, config, **options)
         self._connection: Connection | None = None
         self._broken = False
+        self._alive_at = -math.inf
 
     def _session(self) -> Connection:
         if self._connection is None:
@@ -243,6 +250,8 @@ class AdvisoryLocks(AccountLocks):
         return f"PostgreSQL backend {row.pid}"
 
     def _confirm(self, account: Account) -> bool:
+        if time.monotonic() - self._alive_at >= SESSION_CHECK_SECONDS:
+            self._check_session()
         return not self._broken
 
     def _release(self, account: Account) -> None:
@@ -260,8 +269,14 @@ class AdvisoryLocks(AccountLocks):
             self._broken = True
 
     def _renew(self, held: set[Account]) -> set[Account]:
+        self._check_session()
+        return held if self._broken else set()
+
+    def _check_session(self) -> None:
+        """Whether the session holding the locks still lives; if not, the
+        locks are gone, and `_broken` says so from now on."""
         if self._connection is None or self._broken:
-            return held if self._broken else set()
+            return
         try:
             self._connection.execute(text("SELECT 1"))
         except SQLAlchemyError as exc:
@@ -271,8 +286,8 @@ class AdvisoryLocks(AccountLocks):
                 store.first_line(exc),
             )
             self._broken = True
-            return held
-        return set()
+            return
+        self._alive_at = time.monotonic()
 
     def _close(self) -> None:
         if self._connection is None:

@@ -148,6 +148,40 @@ def test_a_lock_connection_that_broke_is_told_in_one_line(
     assert [message.splitlines()[0] for message in told] == told
 
 
+def test_a_page_is_refused_within_a_second_of_the_lock_session_ending(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The server freed the locks at once, and another run could take them;
+    # the heartbeat alone noticed a third of a lease later (20 s), and every
+    # page in between was written.
+    engine = store.connect(DatabaseConfig(url=pg_url))
+    held = locks.open_locks(engine, LocksConfig())
+    held.acquire(ACCOUNT)
+    held.confirm(ACCOUNT)
+    with engine.connect() as other:
+        other.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name LIKE 'task-etl:%'"
+            )
+        )
+    ended = time.monotonic()
+
+    with caplog.at_level(logging.ERROR, logger="etl.locks"):
+        while time.monotonic() - ended < locks.SESSION_CHECK_SECONDS + 1:
+            try:
+                held.confirm(ACCOUNT)
+            except LockLostError:
+                break
+            time.sleep(0.05)
+    refused_after = time.monotonic() - ended
+    held.close()
+    engine.dispose()
+
+    assert refused_after <= locks.SESSION_CHECK_SECONDS + 0.5
+    assert "the connection holding the account locks broke" in caplog.text
+
+
 def test_a_lock_held_by_a_killed_process_is_taken_over(
     engine: Engine, db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

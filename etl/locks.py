@@ -273,8 +273,8 @@ class AdvisoryLocks(AccountLocks):
         return held if self._broken else set()
 
     def _check_session(self) -> None:
-        """Whether the session holding the locks still lives; if not, the
-        locks are gone, and `_broken` says so from now on."""
+        """Ask the session holding the locks whether it still lives; if it
+        does not, the locks are gone, and `_broken` says so from now on."""
         if self._connection is None or self._broken:
             return
         try:

@@ -114,9 +114,12 @@ def say(text: str, *, err: bool = False) -> None:
     A terminal closed mid-run, or a reader gone (`| head`), failed the print
     of a run's summary after the run was done and recorded: the command
     exited 1 with a traceback instead of its own code. The stream then goes
-    to /dev/null, so that nothing printed after it fails too.
+    to /dev/null, so that nothing printed after it fails too. A stream
+    closed from the start is None to Python, and takes nothing.
     """
     stream = sys.stderr if err else sys.stdout
+    if stream is None:  # closed before the command started (`>&-`)
+        return
     try:
         click.echo(text, err=err)
         stream.flush()

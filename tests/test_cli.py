@@ -145,6 +145,25 @@ def test_a_sync_whose_reader_is_gone_exits_with_its_own_code(
     assert b"run 1 succeeded" in err
 
 
+def test_a_command_started_with_its_output_closed_exits_with_its_own_code(
+    tmp_path: Path, server: SimServer, simulator: Simulator, sqlite_url: str
+) -> None:
+    # `task-etl status >&-`: Python's stdout is then None, and printing to
+    # it failed with a traceback and exit 1.
+    config = str(write_config(tmp_path, server, simulator, sqlite_url))
+    command = Path(sys.executable).parent / "task-etl"
+    done = subprocess.run(
+        [str(command), "--config", config, "migrate"],
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: os.close(1),
+        timeout=60,
+    )
+
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"Traceback" not in done.stderr
+    assert invoke("--config", config, "status").exit_code == 0
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -148,7 +148,7 @@ def test_a_lock_connection_that_broke_is_told_in_one_line(
     assert [message.splitlines()[0] for message in told] == told
 
 
-def test_a_page_is_refused_within_a_second_of_the_lock_session_ending(
+def test_a_page_is_refused_soon_after_the_lock_session_ends(
     pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The server freed the locks at once, and another run could take them;

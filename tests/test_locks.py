@@ -122,6 +122,17 @@ def test_closing_gives_back_every_lock(engine: Engine) -> None:
     second.close()
 
 
+def end_lock_sessions(engine: Engine) -> None:
+    """End the PostgreSQL sessions that hold task-etl's advisory locks."""
+    with engine.connect() as other:
+        other.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name LIKE 'task-etl:%'"
+            )
+        )
+
+
 def test_a_lock_connection_that_broke_is_told_in_one_line(
     pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -130,13 +141,7 @@ def test_a_lock_connection_that_broke_is_told_in_one_line(
     engine = store.connect(DatabaseConfig(url=pg_url))
     held = locks.open_locks(engine, LocksConfig())
     held.acquire(ACCOUNT)
-    with engine.connect() as other:
-        other.execute(
-            text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE application_name LIKE 'task-etl:%'"
-            )
-        )
+    end_lock_sessions(engine)
 
     with caplog.at_level(logging.WARNING, logger="etl.locks"):
         held.release(ACCOUNT)
@@ -158,13 +163,7 @@ def test_a_page_is_refused_soon_after_the_lock_session_ends(
     held = locks.open_locks(engine, LocksConfig())
     held.acquire(ACCOUNT)
     held.confirm(ACCOUNT)
-    with engine.connect() as other:
-        other.execute(
-            text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE application_name LIKE 'task-etl:%'"
-            )
-        )
+    end_lock_sessions(engine)
     ended = time.monotonic()
 
     with caplog.at_level(logging.ERROR, logger="etl.locks"):

@@ -148,7 +148,7 @@ def test_a_sync_whose_reader_is_gone_exits_with_its_own_code(
 def test_a_command_started_with_its_output_closed_exits_with_its_own_code(
     tmp_path: Path, server: SimServer, simulator: Simulator, sqlite_url: str
 ) -> None:
-    # `task-etl status >&-`: Python's stdout is then None, and printing to
+    # `task-etl migrate >&-`: Python's stdout is then None, and printing to
     # it failed with a traceback and exit 1.
     config = str(write_config(tmp_path, server, simulator, sqlite_url))
     command = Path(sys.executable).parent / "task-etl"

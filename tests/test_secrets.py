@@ -28,7 +28,7 @@ from sqlalchemy import Engine, select
 
 from etl.accounts import Account
 from etl.cli import main, setup_logging
-from etl.client import Client, RateLimiter
+from etl.client import MESSAGE_LIMIT, Client, RateLimiter
 from etl.config import ApiConfig, Config, DatabaseConfig, MainAccount
 from etl.errors import FatalApiError, bare_traceback
 from etl.faults import Faults
@@ -232,9 +232,10 @@ def sync_echoing_platform(platform: Platform, engine: Engine) -> list[RunSummary
 def test_a_token_where_a_long_message_is_cut_is_hidden_whole(
     engine: Engine,
 ) -> None:
-    # Only the start of a message is looked through; a token the cut went
-    # through showed its first half.
-    cut = 400  # where the message is cut, before hiding shortens it
+    # Only the start of a message is looked through, up to where it is cut
+    # before hiding shortens it: a token the cut goes through must still be
+    # hidden whole.
+    cut = 2 * MESSAGE_LIMIT
     message = TOKEN * (cut // len(TOKEN) - 1)
     message += "y" * (cut - len(TOKEN) // 2 - len(message)) + TOKEN + "z" * 1000
     with serve() as platform:

@@ -121,8 +121,7 @@ def say(text: str, *, err: bool = False) -> None:
     if stream is None:  # closed before the command started (`>&-`)
         return
     try:
-        click.echo(text, err=err)
-        stream.flush()
+        click.echo(text, err=err)  # which flushes: a gone reader fails here
     except OSError as exc:
         if exc.errno not in (errno.EIO, errno.EPIPE):
             raise

@@ -208,8 +208,9 @@ class Client:
         self.api = api
         self._tokens = dict(tokens or {})
         secrets = {api.token, *self._tokens.values()} - {""}
-        self._secrets = _secrets_pattern(secrets)
-        self._secrets_longest = max(map(len, _all_forms(secrets)), default=0)
+        forms = {form for secret in secrets for form in _written_forms(secret)}
+        self._secrets = _secrets_pattern(forms)
+        self._secrets_longest = max(map(len, forms), default=0)
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._limiter = limiter or RateLimiter(api.requests_per_second, sleep=sleep)
@@ -1135,19 +1136,14 @@ def _whole_number(value: object) -> int | None:
     return None
 
 
-def _secrets_pattern(secrets: set[str]) -> re.Pattern[str] | None:
-    """What finds the secrets in a message, in any case and in the forms a
-    message may hold them (see `_written_forms`); longest first, so that no
-    form is left half hidden by a shorter one."""
-    forms = _all_forms(secrets)
+def _secrets_pattern(forms: set[str]) -> re.Pattern[str] | None:
+    """What finds the secrets' forms (see `_written_forms`) in a message, in
+    any case; longest first, so that no form is left half hidden by a
+    shorter one."""
     if not forms:
         return None
     ordered = sorted(forms, key=len, reverse=True)
     return re.compile("|".join(map(re.escape, ordered)), re.IGNORECASE)
-
-
-def _all_forms(secrets: set[str]) -> set[str]:
-    return {form for secret in secrets for form in _written_forms(secret)}
 
 
 def _written_forms(secret: str) -> set[str]:

@@ -13,6 +13,14 @@ counted so far), and every day on which a run that had not finished by then
 observed a change (a replay of archived pages observes changes in the past).
 Days are calendar days in the platform's time zone, kept in `settings`; a
 refresh under another time zone rebuilds the whole rollup.
+
+Within one day a refresh adds only the changes of the runs since the
+previous one to the day's stored counts, when those counts are known to
+hold every change of the earlier runs and none of a later one: no run was
+running during the previous refresh. Recounting the whole day instead cost
+a re-sync of 100,000 tasks a tenth of its time, the day of a first sync
+holding 100,000 changes. The first refresh of a new day recounts the day
+before from the history, whatever happened to it.
 """
 
 from __future__ import annotations
@@ -25,7 +33,15 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+)
 from sqlalchemy.exc import SQLAlchemyError
 
 from etl import runs, store
@@ -38,9 +54,10 @@ log = logging.getLogger(__name__)
 TIMEZONE = "timezone"
 COUNTED_DAY = "daily_counts_day"
 NEXT_RUN = "daily_counts_next_run"
+# "1" when the counted day's counts hold exactly the changes of the runs
+# before NEXT_RUN: no run was running while they were counted.
+COUNTED_WHOLE_RUNS = "daily_counts_whole_runs"
 
-# Any constant will do, as long as nothing else in the database takes it.
-_POSTGRESQL_LOCK = 0x7461736B_726F6C6C  # "taskroll"
 _INSERT_ROWS = 1000
 
 # (user_id, sub_user_id, status)
@@ -55,6 +72,8 @@ class Refresh:
     last_day: date
     rows: int
     rebuilt: bool
+    # The first run whose changes it read; 0 when it read every run's.
+    from_run: int = 0
 
 
 def refresh_daily_counts(
@@ -96,9 +115,11 @@ def _serialize(connection: Connection) -> None:
     # SQLite transactions of this product begin IMMEDIATE, which already
     # serializes writers; PostgreSQL needs the two refreshes of two runs
     # ending together to take turns, or both would rewrite the same days.
+    # A run begins under the same lock shared (see `runs.start_run`), so no
+    # run begins while a refresh counts.
     if connection.dialect.name == "postgresql":
         connection.execute(
-            text("SELECT pg_advisory_xact_lock(:key)"), {"key": _POSTGRESQL_LOCK}
+            text("SELECT pg_advisory_xact_lock(:key)"), {"key": runs.ROLLUP_LOCK}
         )
 
 
@@ -108,19 +129,23 @@ def _refresh(
     stored = dict(connection.execute(select(settings.c.key, settings.c.value)).all())
     rebuild = rebuild or stored.get(TIMEZONE) != zone.key or COUNTED_DAY not in stored
     last_day = local_day(now, zone)
+    # Known before counting, as no run can begin until this transaction ends.
+    quiet = not _any_running(connection)
+    first_day: date | None
     if rebuild:
         first_day = _first_change_day(connection, zone)
+        counts, since_run = Counter[Key](), 0
         connection.execute(delete(daily_status_rollup))
     else:
         first_day = _first_stale_day(connection, zone, stored)
+        counts, since_run = _counts_before(connection, stored, first_day, last_day)
         connection.execute(
             delete(daily_status_rollup).where(daily_status_rollup.c.day >= first_day)
         )
 
     rows = 0
     if first_day is not None and first_day <= last_day:
-        counts = _counts_at_end_of(connection, first_day - timedelta(days=1))
-        changes = _changes_by_day(connection, zone, first_day, last_day)
+        changes = _changes_by_day(connection, zone, first_day, last_day, since_run)
         rows = _write_days(connection, counts, changes, first_day, last_day)
 
     _write_settings(
@@ -129,10 +154,25 @@ def _refresh(
             TIMEZONE: zone.key,
             COUNTED_DAY: last_day.isoformat(),
             NEXT_RUN: str(_next_unfinished_run(connection)),
+            COUNTED_WHOLE_RUNS: "1" if quiet else "0",
         },
         now,
     )
-    return Refresh(first_day, last_day, rows, rebuild)
+    return Refresh(first_day, last_day, rows, rebuild, since_run)
+
+
+def _counts_before(
+    connection: Connection, stored: dict[str, str], first_day: date, last_day: date
+) -> tuple[Counter[Key], int]:
+    """The counts the changes from `first_day` on are added to, and the
+    first run whose changes those are: the stored counts of the day last
+    counted when they are whole and the day goes on, else the counts at the
+    end of the day before, from the changes of every run."""
+    counted_day = date.fromisoformat(stored[COUNTED_DAY])
+    whole = stored.get(COUNTED_WHOLE_RUNS) == "1"
+    if whole and first_day == counted_day == last_day:
+        return _counts_at_end_of(connection, counted_day), int(stored[NEXT_RUN])
+    return _counts_at_end_of(connection, first_day - timedelta(days=1)), 0
 
 
 def local_day(moment: datetime, zone: ZoneInfo) -> date:
@@ -166,6 +206,11 @@ def _first_stale_day(
     return min(counted_day, local_day(earliest, zone))
 
 
+def _any_running(connection: Connection) -> bool:
+    running = select(sync_runs.c.id).where(sync_runs.c.outcome == "running")
+    return connection.execute(running.limit(1)).first() is not None
+
+
 def _next_unfinished_run(connection: Connection) -> int:
     """The first run whose changes the next refresh must look at again."""
     running = connection.execute(
@@ -187,9 +232,14 @@ def _counts_at_end_of(connection: Connection, day: date) -> Counter[Key]:
 
 
 def _changes_by_day(
-    connection: Connection, zone: ZoneInfo, first_day: date, last_day: date
+    connection: Connection,
+    zone: ZoneInfo,
+    first_day: date,
+    last_day: date,
+    since_run: int,
 ) -> dict[date, Counter[Key]]:
-    """Per day, how each count moved: -1 for a status left, +1 for one entered.
+    """Per day, how each count moved: -1 for a status left, +1 for one
+    entered, by the changes of run `since_run` and later ones.
 
     The database counts the changes of each day: reading them one by one
     into Python cost a second per 100,000, which a first sync observes in
@@ -202,6 +252,7 @@ def _changes_by_day(
     query = (
         select(*grouped, *statuses, func.count().label("changes"))
         .join_from(task_status_changes, tasks_table, tasks.uuid == change.task_uuid)
+        .where(change.run_id >= since_run)
         .group_by(*grouped, *statuses)
     )
     moves: dict[date, Counter[Key]] = {}

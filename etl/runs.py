@@ -8,7 +8,7 @@ import socket
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Engine, func, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, func, select, text, update
 
 from etl.accounts import Account
 from etl.models import accounts, sync_run_accounts, sync_runs
@@ -17,6 +17,10 @@ from etl.store import PageCounts, _insert_statement
 log = logging.getLogger(__name__)
 
 OUTCOMES = ("running", "succeeded", "partial", "failed", "stopped", "abandoned")
+# On PostgreSQL a run begins holding this lock shared and a refresh of the
+# daily counts holds it alone, so that no run begins while one counts. Any
+# constant will do, as long as nothing else in the database takes it.
+ROLLUP_LOCK = 0x7461736B_726F6C6C  # "taskroll"
 
 
 def now() -> datetime:
@@ -28,6 +32,11 @@ def start_run(engine: Engine, kind: str, *, lease: float = 60.0) -> int:
     abandon_dead_runs(engine, lease)
     started = now()
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock_shared(:key)"),
+                {"key": ROLLUP_LOCK},
+            )
         result = connection.execute(
             sync_runs.insert().values(
                 kind=kind,

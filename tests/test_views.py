@@ -1,3 +1,4 @@
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -9,7 +10,7 @@ from alembic import command
 from sqlalchemy import Engine, MetaData, inspect, select, text
 from synced import BACKENDS, History, open_history
 
-from etl import rollup, store
+from etl import rollup, runs, store
 from etl.config import DatabaseConfig
 from etl.models import settings, task_status_changes, tasks
 from etl.views import (
@@ -359,6 +360,111 @@ def test_a_refresh_after_a_run_recounts_only_from_the_last_counted_day(
 
     assert (result.first_day, result.last_day) == (date(2026, 3, 2), date(2026, 3, 3))
     assert not result.rebuilt
+
+
+def add_run(engine: Engine, run_id: int, outcome: str, moment: datetime) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO sync_runs (id, kind, started_at, outcome, host, pid, "
+                "accounts, accounts_failed, pages, tasks_seen, tasks_new, "
+                "tasks_changed, tasks_removed, tasks_restored, status_changes, "
+                "rejected, bad_values) VALUES (:id, 'sync', :at, :outcome, 'h', "
+                "1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)"
+            ),
+            {"id": run_id, "at": moment, "outcome": outcome},
+        )
+
+
+def add_change(
+    engine: Engine, run_id: int, uuid: str, old: int, new: int, moment: datetime
+) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            task_status_changes.insert(),
+            {
+                "task_uuid": uuid,
+                "run_id": run_id,
+                "event": "changed",
+                "old_status": old,
+                "new_status": new,
+                "observed_at": moment,
+            },
+        )
+
+
+def finish_runs(engine: Engine) -> None:
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE sync_runs SET outcome = 'succeeded'"))
+
+
+def test_a_refresh_later_the_same_day_reads_the_changes_of_the_new_runs_only(
+    engine: Engine,
+) -> None:
+    upgrade(engine, BEFORE_VIEWS)
+    insert_history_before_views(engine)
+    store.migrate(engine)
+    rollup.refresh_daily_counts(engine, SHANGHAI, now=T2 + timedelta(hours=1))
+    add_run(engine, 4, "succeeded", T2 + timedelta(minutes=80))
+    add_change(engine, 4, "a", 1, 3, T2 + timedelta(minutes=90))
+
+    result = rollup.refresh_daily_counts(engine, SHANGHAI, now=T2 + timedelta(hours=2))
+
+    assert (result.from_run, result.first_day) == (4, date(2026, 3, 2))
+    assert daily_counts(engine)[(date(2026, 3, 2), *MAIN, 3)] == 1
+    assert daily_counts(engine) == recount(engine, SHANGHAI)
+
+
+def test_a_day_counted_while_a_run_went_on_is_recounted_whole(engine: Engine) -> None:
+    upgrade(engine, BEFORE_VIEWS)
+    insert_history_before_views(engine)
+    store.migrate(engine)
+    add_run(engine, 4, "running", T2)
+    add_change(engine, 4, "a", 1, 3, T2 + timedelta(minutes=10))
+    rollup.refresh_daily_counts(engine, SHANGHAI, now=T2 + timedelta(hours=1))
+    # The run goes on after the refresh counted its first change.
+    add_change(engine, 4, "d", 7, 2, T2 + timedelta(minutes=70))
+    finish_runs(engine)
+
+    result = rollup.refresh_daily_counts(engine, SHANGHAI, now=T2 + timedelta(hours=2))
+
+    assert result.from_run == 0
+    assert daily_counts(engine) == recount(engine, SHANGHAI)
+
+
+def test_the_first_refresh_of_a_day_recounts_the_day_before(engine: Engine) -> None:
+    upgrade(engine, BEFORE_VIEWS)
+    insert_history_before_views(engine)
+    store.migrate(engine)
+    rollup.refresh_daily_counts(engine, SHANGHAI, now=T2)
+    add_run(engine, 4, "succeeded", T2 + timedelta(minutes=50))
+    add_change(engine, 4, "a", 1, 3, T2 + timedelta(hours=1))
+
+    result = rollup.refresh_daily_counts(engine, SHANGHAI, now=T2 + timedelta(days=1))
+
+    assert (result.from_run, result.first_day) == (0, date(2026, 3, 2))
+    assert daily_counts(engine) == recount(engine, SHANGHAI)
+
+
+def test_no_run_begins_on_postgresql_while_a_refresh_counts(pg_url: str) -> None:
+    engine = store.connect(DatabaseConfig(url=pg_url))
+    store.migrate(engine)
+    begun: list[int] = []
+    with engine.begin() as connection:
+        connection.execute(
+            text("SELECT pg_advisory_xact_lock(:key)"), {"key": runs.ROLLUP_LOCK}
+        )
+        starter = threading.Thread(
+            target=lambda: begun.append(runs.start_run(engine, "sync"))
+        )
+        starter.start()
+        starter.join(timeout=0.5)
+        waited = starter.is_alive()
+    starter.join(timeout=30)
+    engine.dispose()
+
+    assert waited
+    assert len(begun) == 1
 
 
 def recount(engine: Engine, zone: ZoneInfo) -> dict[tuple[Any, ...], int]:

@@ -34,6 +34,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
     delete,
@@ -198,7 +199,7 @@ def _first_stale_day(
     next_run = int(stored.get(NEXT_RUN, "0"))
     earliest = connection.execute(
         select(func.min(task_status_changes.c.observed_at)).where(
-            task_status_changes.c.run_id >= next_run
+            _of_runs_since(next_run)
         )
     ).scalar()
     if earliest is None:
@@ -252,9 +253,10 @@ def _changes_by_day(
     query = (
         select(*grouped, *statuses, func.count().label("changes"))
         .join_from(task_status_changes, tasks_table, tasks.uuid == change.task_uuid)
-        .where(change.run_id >= since_run)
         .group_by(*grouped, *statuses)
     )
+    if since_run:
+        query = query.where(_of_runs_since(since_run))
     moves: dict[date, Counter[Key]] = {}
     day = first_day
     while day <= last_day:
@@ -272,6 +274,18 @@ def _changes_by_day(
                 day_moves[(*account, row.new_status)] += row.changes
         day += timedelta(days=1)
     return moves
+
+
+def _of_runs_since(first_run: int) -> ColumnElement[bool]:
+    """The changes of run `first_run` and later ones.
+
+    Asked as `run_id >= first_run`, SQLite took the index on `observed_at`
+    instead of the one on `(run_id, observed_at)`, and read every change of
+    the day, or for the earliest change, of the whole history. Asked as the
+    runs' ids, it looks each run up in the index.
+    """
+    later = select(sync_runs.c.id).where(sync_runs.c.id >= first_run)
+    return task_status_changes.c.run_id.in_(later)
 
 
 def _write_days(

@@ -8,6 +8,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from alembic import command
 from sqlalchemy import Engine, MetaData, inspect, select, text
+from sqlalchemy import event as sqlalchemy_event
 from synced import BACKENDS, History, open_history
 
 from etl import rollup, runs, store
@@ -413,6 +414,43 @@ def test_a_refresh_later_the_same_day_reads_the_changes_of_the_new_runs_only(
     assert (result.from_run, result.first_day) == (4, date(2026, 3, 2))
     assert daily_counts(engine)[(date(2026, 3, 2), *MAIN, 3)] == 1
     assert daily_counts(engine) == recount(engine, SHANGHAI)
+
+
+def test_a_refresh_later_the_same_day_looks_up_the_new_runs_changes_only(
+    sqlite_url: str,
+) -> None:
+    engine = store.connect(DatabaseConfig(url=sqlite_url))
+    upgrade(engine, BEFORE_VIEWS)
+    insert_history_before_views(engine)
+    store.migrate(engine)
+    rollup.refresh_daily_counts(engine, SHANGHAI, now=T2 + timedelta(hours=1))
+    add_run(engine, 4, "succeeded", T2 + timedelta(minutes=80))
+    add_change(engine, 4, "a", 1, 3, T2 + timedelta(minutes=90))
+    asked: list[tuple[str, Any]] = []
+
+    def keep(*args: Any) -> None:
+        statement, parameters = args[2], args[3]
+        if "FROM task_status_changes" in statement:
+            asked.append((statement, parameters))
+
+    sqlalchemy_event.listen(engine, "before_cursor_execute", keep)
+    rollup.refresh_daily_counts(engine, SHANGHAI, now=T2 + timedelta(hours=2))
+    sqlalchemy_event.remove(engine, "before_cursor_execute", keep)
+
+    # Through the index on observed_at, SQLite would read every change of
+    # the day, or of the whole history, to find the few of the new runs.
+    with engine.connect() as connection:
+        plans = [
+            step
+            for statement, parameters in asked
+            for *_, step in connection.exec_driver_sql(
+                f"EXPLAIN QUERY PLAN {statement}", parameters
+            )
+        ]
+    engine.dispose()
+    reads = [step for step in plans if "task_status_changes" in step]
+    assert len(asked) == len(reads) == 2
+    assert all("INDEX ix_task_status_changes_run_id_" in step for step in reads), reads
 
 
 def test_a_day_counted_while_a_run_went_on_is_recounted_whole(engine: Engine) -> None:

@@ -58,6 +58,8 @@ NEXT_RUN = "daily_counts_next_run"
 # "1" when the counted day's counts hold exactly the changes of the runs
 # before NEXT_RUN: no run was running while they were counted.
 COUNTED_WHOLE_RUNS = "daily_counts_whole_runs"
+# The largest id of a change when they were counted.
+LAST_CHANGE = "daily_counts_last_change"
 
 _INSERT_ROWS = 1000
 
@@ -75,6 +77,16 @@ class Refresh:
     rebuilt: bool
     # The first run whose changes it read; 0 when it read every run's.
     from_run: int = 0
+
+
+@dataclass(frozen=True)
+class _Counted:
+    """What the previous refresh left in `settings`."""
+
+    day: date
+    next_run: int
+    whole: bool
+    last_change: int
 
 
 def refresh_daily_counts(
@@ -128,18 +140,19 @@ def _refresh(
     connection: Connection, zone: ZoneInfo, rebuild: bool, now: datetime
 ) -> Refresh:
     stored = dict(connection.execute(select(settings.c.key, settings.c.value)).all())
-    rebuild = rebuild or stored.get(TIMEZONE) != zone.key or COUNTED_DAY not in stored
+    counted = None if rebuild else _counted(stored, zone)
     last_day = local_day(now, zone)
     # Known before counting, as no run can begin until this transaction ends.
     quiet = not _any_running(connection)
+    last_change = _last_change(connection)
     first_day: date | None
-    if rebuild:
+    if counted is None:
         first_day = _first_change_day(connection, zone)
         counts, since_run = Counter[Key](), 0
         connection.execute(delete(daily_status_rollup))
     else:
-        first_day = _first_stale_day(connection, zone, stored)
-        counts, since_run = _counts_before(connection, stored, first_day, last_day)
+        first_day = _first_stale_day(connection, zone, counted)
+        counts, since_run = _counts_before(connection, counted, first_day, last_day)
         connection.execute(
             delete(daily_status_rollup).where(daily_status_rollup.c.day >= first_day)
         )
@@ -156,24 +169,56 @@ def _refresh(
             COUNTED_DAY: last_day.isoformat(),
             NEXT_RUN: str(_next_unfinished_run(connection)),
             COUNTED_WHOLE_RUNS: "1" if quiet else "0",
+            LAST_CHANGE: str(last_change),
         },
         now,
     )
-    return Refresh(first_day, last_day, rows, rebuild, since_run)
+    return Refresh(first_day, last_day, rows, counted is None, since_run)
+
+
+def _counted(stored: dict[str, str], zone: ZoneInfo) -> _Counted | None:
+    """The previous refresh's state; None when there was none, it counted
+    under another time zone, or it cannot be read: the rollup is rebuilt."""
+    if stored.get(TIMEZONE) != zone.key:
+        return None
+    try:
+        return _Counted(
+            day=date.fromisoformat(stored[COUNTED_DAY]),
+            next_run=int(stored.get(NEXT_RUN, "0")),
+            whole=stored.get(COUNTED_WHOLE_RUNS) == "1" and NEXT_RUN in stored,
+            last_change=int(stored.get(LAST_CHANGE, "0")),
+        )
+    except (KeyError, ValueError):
+        return None
 
 
 def _counts_before(
-    connection: Connection, stored: dict[str, str], first_day: date, last_day: date
+    connection: Connection, counted: _Counted, first_day: date, last_day: date
 ) -> tuple[Counter[Key], int]:
     """The counts the changes from `first_day` on are added to, and the
     first run whose changes those are: the stored counts of the day last
     counted when they are whole and the day goes on, else the counts at the
     end of the day before, from the changes of every run."""
-    counted_day = date.fromisoformat(stored[COUNTED_DAY])
-    whole = stored.get(COUNTED_WHOLE_RUNS) == "1"
-    if whole and first_day == counted_day == last_day:
-        return _counts_at_end_of(connection, counted_day), int(stored[NEXT_RUN])
+    goes_on = first_day == counted.day == last_day
+    if counted.whole and goes_on and not _written_late(connection, counted):
+        return _counts_at_end_of(connection, counted.day), counted.next_run
     return _counts_at_end_of(connection, first_day - timedelta(days=1)), 0
+
+
+def _written_late(connection: Connection, counted: _Counted) -> bool:
+    """Whether a run counted whole wrote a change since: one marked abandoned
+    while its process was only paused, which wrote on when it woke."""
+    change = task_status_changes.c
+    late = select(change.id).where(
+        change.id > counted.last_change, change.run_id < counted.next_run
+    )
+    return connection.execute(late.limit(1)).first() is not None
+
+
+def _last_change(connection: Connection) -> int:
+    return int(
+        connection.execute(select(func.max(task_status_changes.c.id))).scalar() or 0
+    )
 
 
 def local_day(moment: datetime, zone: ZoneInfo) -> date:
@@ -192,19 +237,15 @@ def _first_change_day(connection: Connection, zone: ZoneInfo) -> date | None:
     return local_day(first, zone) if first is not None else None
 
 
-def _first_stale_day(
-    connection: Connection, zone: ZoneInfo, stored: dict[str, str]
-) -> date:
-    counted_day = date.fromisoformat(stored[COUNTED_DAY])
-    next_run = int(stored.get(NEXT_RUN, "0"))
+def _first_stale_day(connection: Connection, zone: ZoneInfo, counted: _Counted) -> date:
     earliest = connection.execute(
         select(func.min(task_status_changes.c.observed_at)).where(
-            _of_runs_since(next_run)
+            _of_runs_since(counted.next_run)
         )
     ).scalar()
     if earliest is None:
-        return counted_day
-    return min(counted_day, local_day(earliest, zone))
+        return counted.day
+    return min(counted.day, local_day(earliest, zone))
 
 
 def _any_running(connection: Connection) -> bool:

@@ -449,8 +449,13 @@ def test_a_refresh_later_the_same_day_looks_up_the_new_runs_changes_only(
         ]
     engine.dispose()
     reads = [step for step in plans if "task_status_changes" in step]
-    assert len(asked) == len(reads) == 2
-    assert all("INDEX ix_task_status_changes_run_id_" in step for step in reads), reads
+    whole = [
+        step
+        for step in reads
+        if step.startswith("SCAN") or "INDEX ix_task_status_changes_observed_at" in step
+    ]
+    assert len(reads) == len(asked) == 4
+    assert not whole, reads
 
 
 def test_a_day_counted_while_a_run_went_on_is_recounted_whole(engine: Engine) -> None:
@@ -463,6 +468,56 @@ def test_a_day_counted_while_a_run_went_on_is_recounted_whole(engine: Engine) ->
     # The run goes on after the refresh counted its first change.
     add_change(engine, 4, "d", 7, 2, T2 + timedelta(minutes=70))
     finish_runs(engine)
+
+    result = rollup.refresh_daily_counts(engine, SHANGHAI, now=T2 + timedelta(hours=2))
+
+    assert result.from_run == 0
+    assert daily_counts(engine) == recount(engine, SHANGHAI)
+
+
+def test_a_run_that_wrote_on_after_it_was_abandoned_has_its_day_recounted(
+    engine: Engine,
+) -> None:
+    upgrade(engine, BEFORE_VIEWS)
+    insert_history_before_views(engine)
+    store.migrate(engine)
+    # Its process paused past the lease, and another run marked it abandoned.
+    add_run(engine, 4, "abandoned", T2)
+    rollup.refresh_daily_counts(engine, SHANGHAI, now=T2 + timedelta(hours=1))
+    # It wakes and writes on.
+    add_change(engine, 4, "a", 1, 3, T2 + timedelta(minutes=70))
+
+    result = rollup.refresh_daily_counts(engine, SHANGHAI, now=T2 + timedelta(hours=2))
+
+    assert result.from_run == 0
+    assert daily_counts(engine) == recount(engine, SHANGHAI)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("daily_counts_next_run", None),
+        ("daily_counts_next_run", "four"),
+        ("daily_counts_day", "yesterday"),
+        ("daily_counts_last_change", "-"),
+    ],
+)
+def test_a_refresh_rebuilds_the_counts_from_state_it_cannot_read(
+    engine: Engine, key: str, value: str | None
+) -> None:
+    upgrade(engine, BEFORE_VIEWS)
+    insert_history_before_views(engine)
+    store.migrate(engine)
+    rollup.refresh_daily_counts(engine, SHANGHAI, now=T2 + timedelta(hours=1))
+    add_run(engine, 4, "succeeded", T2 + timedelta(minutes=80))
+    add_change(engine, 4, "a", 1, 3, T2 + timedelta(minutes=90))
+    with engine.begin() as connection:
+        connection.execute(settings.delete().where(settings.c.key == key))
+        if value is not None:
+            connection.execute(
+                settings.insert(),
+                {"key": key, "value": value, "updated_at": T2},
+            )
 
     result = rollup.refresh_daily_counts(engine, SHANGHAI, now=T2 + timedelta(hours=2))
 

@@ -17,10 +17,12 @@ refresh under another time zone rebuilds the whole rollup.
 Within one day a refresh adds only the changes of the runs since the
 previous one to the day's stored counts, when those counts are known to
 hold every change of the earlier runs and none of a later one: no run was
-running during the previous refresh. Recounting the whole day instead cost
-a re-sync of 100,000 tasks a tenth of its time, the day of a first sync
-holding 100,000 changes. The first refresh of a new day recounts the day
-before from the history, whatever happened to it.
+running during the previous refresh, and no earlier run wrote since (a run
+marked abandoned while its process was only paused writes on when it
+wakes). Recounting the whole day instead cost a re-sync of 100,000 tasks a
+tenth of its time, the day of a first sync holding 100,000 changes. The
+first refresh of a new day recounts the day before from the history,
+whatever happened to it.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ import socket
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Engine, func, select, text, update
+from sqlalchemy import ColumnElement, Connection, Engine, func, select, update
 
+from etl import store
 from etl.accounts import Account
 from etl.models import accounts, sync_run_accounts, sync_runs
 from etl.store import PageCounts, _insert_statement
@@ -33,10 +34,7 @@ def start_run(engine: Engine, kind: str, *, lease: float = 60.0) -> int:
     started = now()
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
-            connection.execute(
-                text("SELECT pg_advisory_xact_lock_shared(:key)"),
-                {"key": ROLLUP_LOCK},
-            )
+            store.take_lock_shared(connection, ROLLUP_LOCK)
         result = connection.execute(
             sync_runs.insert().values(
                 kind=kind,

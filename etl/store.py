@@ -368,13 +368,32 @@ def _take_write_turn(
     scanned the whole table for every page after it, and a first sync took
     twice as long.
     """
+    sql, parameters = then or ("SELECT 1", ())
+    locks = (
+        f"SELECT pg_advisory_xact_lock({_WRITERS_LOCK});"
+        f" LOCK TABLE {_WRITTEN_TABLES} IN ROW EXCLUSIVE MODE"
+    )
+    return _locked_in_turns(connection, locks, sql, parameters)
+
+
+def take_lock_shared(connection: Connection, key: int) -> None:
+    """PostgreSQL: take advisory lock `key` shared until the transaction
+    ends, waiting in turns like `_take_write_turn`, so that a stop ends the
+    wait; nothing else may precede it in the transaction."""
+    _locked_in_turns(
+        connection, f"SELECT pg_advisory_xact_lock_shared({int(key)})", "SELECT 1", ()
+    )
+
+
+def _locked_in_turns(
+    connection: Connection, locks: str, sql: str, parameters: tuple[Any, ...]
+) -> list[Any]:
+    """Run `locks`, then `sql` in the same round trip, waiting for the locks
+    in turns of `BUSY_TURN_SECONDS`; the rows of `sql`."""
     wait = connection.connection.info.get(_LOCK_WAIT, BUSY_TURN_SECONDS)
     turn = min(BUSY_TURN_SECONDS, wait)
-    sql, parameters = then or ("SELECT 1", ())
     take = (
-        f"SET LOCAL lock_timeout = {int(turn * 1000)};"
-        f" SELECT pg_advisory_xact_lock({_WRITERS_LOCK});"
-        f" LOCK TABLE {_WRITTEN_TABLES} IN ROW EXCLUSIVE MODE;"
+        f"SET LOCAL lock_timeout = {int(turn * 1000)}; {locks};"
         f" SET LOCAL lock_timeout = {int(wait * 1000)}; {sql}"
     )
     # Imported here, as SQLAlchemy does: a process on SQLite never loads it.

@@ -13,6 +13,7 @@ from synced import BACKENDS, History, open_history
 
 from etl import rollup, runs, store
 from etl.config import DatabaseConfig
+from etl.errors import RunInterrupted
 from etl.models import settings, task_status_changes, tasks
 from etl.views import (
     VIEWS,
@@ -558,6 +559,38 @@ def test_no_run_begins_on_postgresql_while_a_refresh_counts(pg_url: str) -> None
 
     assert waited
     assert len(begun) == 1
+
+
+def test_a_stop_ends_a_wait_on_postgresql_for_a_refresh_to_end(pg_url: str) -> None:
+    engine = store.connect(DatabaseConfig(url=pg_url))
+    store.migrate(engine)
+    halt = threading.Event()
+    ended: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            with store.lock_waits_end_on(halt):
+                runs.start_run(engine, "sync")
+        except RunInterrupted as exc:
+            ended.append(exc)
+
+    with engine.begin() as connection:
+        connection.execute(
+            text("SELECT pg_advisory_xact_lock(:key)"), {"key": runs.ROLLUP_LOCK}
+        )
+        starter = threading.Thread(target=start)
+        starter.start()
+        starter.join(timeout=0.3)
+        halt.set()
+        starter.join(timeout=5)
+        stopped_while_held = not starter.is_alive()
+    starter.join(timeout=30)
+    begun = runs.count_runs(engine)
+    engine.dispose()
+
+    assert stopped_while_held
+    assert len(ended) == 1
+    assert begun == 0
 
 
 def recount(engine: Engine, zone: ZoneInfo) -> dict[tuple[Any, ...], int]:

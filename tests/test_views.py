@@ -297,17 +297,7 @@ def test_a_refresh_recounts_the_past_days_a_late_run_wrote(engine: Engine) -> No
     insert_history_before_views(engine)
     store.migrate(engine)
     later = T2 + timedelta(days=3)
-    with engine.begin() as connection:
-        connection.execute(
-            text(
-                "INSERT INTO sync_runs (id, kind, started_at, outcome, host, pid, "
-                "accounts, accounts_failed, pages, tasks_seen, tasks_new, "
-                "tasks_changed, tasks_removed, tasks_restored, status_changes, "
-                "rejected, bad_values) VALUES (4, 'replay', :at, 'running', 'h', "
-                "1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)"
-            ),
-            {"at": later},
-        )
+    add_run(engine, 4, "running", later, kind="replay")
     first = rollup.refresh_daily_counts(engine, SHANGHAI, now=later)
 
     # The replay writes a task an archive saw on 1 March, then finishes.
@@ -364,17 +354,19 @@ def test_a_refresh_after_a_run_recounts_only_from_the_last_counted_day(
     assert not result.rebuilt
 
 
-def add_run(engine: Engine, run_id: int, outcome: str, moment: datetime) -> None:
+def add_run(
+    engine: Engine, run_id: int, outcome: str, moment: datetime, kind: str = "sync"
+) -> None:
     with engine.begin() as connection:
         connection.execute(
             text(
                 "INSERT INTO sync_runs (id, kind, started_at, outcome, host, pid, "
                 "accounts, accounts_failed, pages, tasks_seen, tasks_new, "
                 "tasks_changed, tasks_removed, tasks_restored, status_changes, "
-                "rejected, bad_values) VALUES (:id, 'sync', :at, :outcome, 'h', "
+                "rejected, bad_values) VALUES (:id, :kind, :at, :outcome, 'h', "
                 "1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)"
             ),
-            {"id": run_id, "at": moment, "outcome": outcome},
+            {"id": run_id, "kind": kind, "at": moment, "outcome": outcome},
         )
 
 
@@ -400,15 +392,24 @@ def finish_runs(engine: Engine) -> None:
         connection.execute(text("UPDATE sync_runs SET outcome = 'succeeded'"))
 
 
-def test_a_refresh_later_the_same_day_reads_the_changes_of_the_new_runs_only(
-    engine: Engine,
-) -> None:
-    upgrade(engine, BEFORE_VIEWS)
-    insert_history_before_views(engine)
-    store.migrate(engine)
+def counted_then_run_4(engine: Engine) -> None:
+    """The history counted an hour after T2, then run 4 changing a's status."""
+    migrated_history(engine)
     rollup.refresh_daily_counts(engine, SHANGHAI, now=T2 + timedelta(hours=1))
     add_run(engine, 4, "succeeded", T2 + timedelta(minutes=80))
     add_change(engine, 4, "a", 1, 3, T2 + timedelta(minutes=90))
+
+
+def migrated_history(engine: Engine) -> None:
+    upgrade(engine, BEFORE_VIEWS)
+    insert_history_before_views(engine)
+    store.migrate(engine)
+
+
+def test_a_refresh_later_the_same_day_reads_the_changes_of_the_new_runs_only(
+    engine: Engine,
+) -> None:
+    counted_then_run_4(engine)
 
     result = rollup.refresh_daily_counts(engine, SHANGHAI, now=T2 + timedelta(hours=2))
 
@@ -421,12 +422,7 @@ def test_a_refresh_later_the_same_day_looks_up_the_new_runs_changes_only(
     sqlite_url: str,
 ) -> None:
     engine = store.connect(DatabaseConfig(url=sqlite_url))
-    upgrade(engine, BEFORE_VIEWS)
-    insert_history_before_views(engine)
-    store.migrate(engine)
-    rollup.refresh_daily_counts(engine, SHANGHAI, now=T2 + timedelta(hours=1))
-    add_run(engine, 4, "succeeded", T2 + timedelta(minutes=80))
-    add_change(engine, 4, "a", 1, 3, T2 + timedelta(minutes=90))
+    counted_then_run_4(engine)
     asked: list[tuple[str, Any]] = []
 
     def keep(*args: Any) -> None:
@@ -460,9 +456,7 @@ def test_a_refresh_later_the_same_day_looks_up_the_new_runs_changes_only(
 
 
 def test_a_day_counted_while_a_run_went_on_is_recounted_whole(engine: Engine) -> None:
-    upgrade(engine, BEFORE_VIEWS)
-    insert_history_before_views(engine)
-    store.migrate(engine)
+    migrated_history(engine)
     add_run(engine, 4, "running", T2)
     add_change(engine, 4, "a", 1, 3, T2 + timedelta(minutes=10))
     rollup.refresh_daily_counts(engine, SHANGHAI, now=T2 + timedelta(hours=1))
@@ -479,9 +473,7 @@ def test_a_day_counted_while_a_run_went_on_is_recounted_whole(engine: Engine) ->
 def test_a_run_that_wrote_on_after_it_was_abandoned_has_its_day_recounted(
     engine: Engine,
 ) -> None:
-    upgrade(engine, BEFORE_VIEWS)
-    insert_history_before_views(engine)
-    store.migrate(engine)
+    migrated_history(engine)
     # Its process paused past the lease, and another run marked it abandoned.
     add_run(engine, 4, "abandoned", T2)
     rollup.refresh_daily_counts(engine, SHANGHAI, now=T2 + timedelta(hours=1))
@@ -506,12 +498,7 @@ def test_a_run_that_wrote_on_after_it_was_abandoned_has_its_day_recounted(
 def test_a_refresh_rebuilds_the_counts_from_state_it_cannot_read(
     engine: Engine, key: str, value: str | None
 ) -> None:
-    upgrade(engine, BEFORE_VIEWS)
-    insert_history_before_views(engine)
-    store.migrate(engine)
-    rollup.refresh_daily_counts(engine, SHANGHAI, now=T2 + timedelta(hours=1))
-    add_run(engine, 4, "succeeded", T2 + timedelta(minutes=80))
-    add_change(engine, 4, "a", 1, 3, T2 + timedelta(minutes=90))
+    counted_then_run_4(engine)
     with engine.begin() as connection:
         connection.execute(settings.delete().where(settings.c.key == key))
         if value is not None:
@@ -527,9 +514,7 @@ def test_a_refresh_rebuilds_the_counts_from_state_it_cannot_read(
 
 
 def test_the_first_refresh_of_a_day_recounts_the_day_before(engine: Engine) -> None:
-    upgrade(engine, BEFORE_VIEWS)
-    insert_history_before_views(engine)
-    store.migrate(engine)
+    migrated_history(engine)
     rollup.refresh_daily_counts(engine, SHANGHAI, now=T2)
     add_run(engine, 4, "succeeded", T2 + timedelta(minutes=50))
     add_change(engine, 4, "a", 1, 3, T2 + timedelta(hours=1))

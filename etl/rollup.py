@@ -186,12 +186,19 @@ def _counted(stored: dict[str, str], zone: ZoneInfo) -> _Counted | None:
     try:
         return _Counted(
             day=date.fromisoformat(stored[COUNTED_DAY]),
-            next_run=int(stored.get(NEXT_RUN, "0")),
+            next_run=_whole_number(stored.get(NEXT_RUN, "0")),
             whole=stored.get(COUNTED_WHOLE_RUNS) == "1" and NEXT_RUN in stored,
-            last_change=int(stored.get(LAST_CHANGE, "0")),
+            last_change=_whole_number(stored.get(LAST_CHANGE, "0")),
         )
     except (KeyError, ValueError):
         return None
+
+
+def _whole_number(text: str) -> int:
+    # int() also reads "1_0" as 10, and " 5" or "+5".
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"not a whole number: {text!r}")
+    return int(text)
 
 
 def _counts_before(
@@ -202,19 +209,26 @@ def _counts_before(
     counted when they are whole and the day goes on, else the counts at the
     end of the day before, from the changes of every run."""
     goes_on = first_day == counted.day == last_day
-    if counted.whole and goes_on and not _written_late(connection, counted):
+    if counted.whole and goes_on and _counted_exactly(connection, counted):
         return _counts_at_end_of(connection, counted.day), counted.next_run
     return _counts_at_end_of(connection, first_day - timedelta(days=1)), 0
 
 
-def _written_late(connection: Connection, counted: _Counted) -> bool:
-    """Whether a run counted whole wrote a change since: one marked abandoned
-    while its process was only paused, which wrote on when it woke."""
+def _counted_exactly(connection: Connection, counted: _Counted) -> bool:
+    """Whether the changes counted are still those of the runs before the
+    next run: none of those wrote a change since (a run marked abandoned
+    while its process was only paused writes on when it wakes), and none of
+    a later run was counted (a next run set by hand too low)."""
     change = task_status_changes.c
     late = select(change.id).where(
         change.id > counted.last_change, change.run_id < counted.next_run
     )
-    return connection.execute(late.limit(1)).first() is not None
+    early = select(change.id).where(
+        _of_runs_since(counted.next_run), change.id <= counted.last_change
+    )
+    return not any(
+        connection.execute(query.limit(1)).first() for query in (late, early)
+    )
 
 
 def _last_change(connection: Connection) -> int:

@@ -451,7 +451,7 @@ def test_a_refresh_later_the_same_day_looks_up_the_new_runs_changes_only(
         for step in reads
         if step.startswith("SCAN") or "INDEX ix_task_status_changes_observed_at" in step
     ]
-    assert len(reads) == len(asked) == 4
+    assert len(reads) == len(asked) == 5
     assert not whole, reads
 
 
@@ -493,9 +493,14 @@ def test_a_run_that_wrote_on_after_it_was_abandoned_has_its_day_recounted(
         ("daily_counts_next_run", "four"),
         ("daily_counts_day", "yesterday"),
         ("daily_counts_last_change", "-"),
+        ("daily_counts_next_run", "0"),
+        # Run 3's changes, counted already, are of the counted day.
+        ("daily_counts_next_run", "3"),
+        ("daily_counts_next_run", "1_0"),
+        ("daily_counts_next_run", "999"),
     ],
 )
-def test_a_refresh_rebuilds_the_counts_from_state_it_cannot_read(
+def test_a_refresh_recounts_from_state_it_cannot_read_or_trust(
     engine: Engine, key: str, value: str | None
 ) -> None:
     counted_then_run_4(engine)

@@ -469,7 +469,7 @@ def _is_lock_timeout(exc: Exception) -> bool:
     return getattr(exc, "sqlstate", None) == "55P03"
 
 
-def _is_lock_wait(exc: Exception) -> bool:
+def is_lock_wait(exc: Exception) -> bool:
     """Whether `exc` ended a wait for another writer's lock that lasted the
     busy timeout, on either database, raised by SQLAlchemy or the driver."""
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
@@ -560,7 +560,7 @@ class PageWriter:
             # A value a driver cannot bind, or a query run by the driver
             # itself, raises outside SQLAlchemy's tree; it fails this page
             # like a refused statement, never the run.
-            error = LockTimeoutError if _is_lock_wait(exc) else StoreError
+            error = LockTimeoutError if is_lock_wait(exc) else StoreError
             raise error(not_written(pages, exc)) from exc
         except RunInterrupted:
             self.close()

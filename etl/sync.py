@@ -359,6 +359,13 @@ class _Run:
             watcher.join()
             if isinstance(exc, RunInterrupted):
                 raise self._not_begun(deadline) from None
+            if isinstance(exc, Exception) and store.is_lock_wait(exc):
+                waited = self.config.database.busy_timeout
+                raise StoreError(
+                    f"the run had not begun after {waited:g} s"
+                    " (database.busy_timeout), waiting for another writer of the"
+                    f" database: {store.first_line(exc)}"
+                ) from exc
             raise
         return self.run_id
 

@@ -960,8 +960,10 @@ def test_a_sqlite_file_locked_past_the_busy_timeout_is_one_clear_error(
 
     assert result.exit_code == 1
     assert "Traceback" not in result.output
-    last = result.stderr.splitlines()[-1]
-    assert last.startswith("Error: ") and last.endswith(": database is locked")
+    assert result.stderr.splitlines()[-1] == (
+        "Error: the run had not begun after 0.2 s (database.busy_timeout), waiting"
+        " for another writer of the database: database is locked"
+    )
 
 
 def sync_with_writer_held(platform: Platform, engine: Engine) -> RunSummary:

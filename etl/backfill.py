@@ -32,6 +32,7 @@ from etl.config import Config
 from etl.errors import (
     ConfigError,
     EtlError,
+    RunAbandoned,
     RunInterrupted,
     RunNotBegun,
     StoreError,
@@ -229,13 +230,16 @@ class _Replay:
         # A stop ends a wait for another process's writer here too.
         try:
             with store.lock_waits_end_on(self.stop):
-                self.run_id = runs.start_run(self.engine, "replay")
+                self.guard = runs.start_guarded_run(
+                    self.engine, "replay", lease=self.config.locks.lease
+                )
         except RunInterrupted:
             raise RunNotBegun(
                 "stopped before the replay began, while waiting for another "
                 "writer of the database",
                 exit_code=EXIT_CODES["stopped"],
             ) from None
+        self.run_id = self.guard.run_id
         self.walks = []
         replayed: set[tuple[str, str]] = set()
         newer: list[ArchivedWalk] = []
@@ -244,7 +248,7 @@ class _Replay:
             # account meanwhile would have the replay store older pages over
             # its newer ones, and settle removals against an older list.
             with locks.hold(
-                self.engine, self.config.locks, self.run_id, stop=self.stop
+                self.engine, self.config.locks, self.guard, stop=self.stop
             ) as self.held:
                 walks = self._lock_accounts(self.held, walks)
                 # Only once locked: a run that ended meanwhile counts.
@@ -259,9 +263,11 @@ class _Replay:
                     self._play(event)
         except BaseException as exc:
             self.errors = self.errors or [describe_crash(exc)]
-            self._finish("failed", len(replayed), len(replayed), began)
+            if not self.guard.abandoned:
+                self._finish("failed", len(replayed), len(replayed), began)
             raise
 
+        self.guard.check()
         failed = len(self.failed)
         outcome = "succeeded" if not failed else "partial"
         if failed and failed == len(replayed):
@@ -313,6 +319,8 @@ class _Replay:
             # as in a sync; replaying again writes it.
             with store.lock_waits_end_on(self.stop):
                 counts = self._store(walk, state, batch)
+        except RunAbandoned:
+            raise
         except RunInterrupted:
             return
         except EtlError as exc:
@@ -332,7 +340,13 @@ class _Replay:
         assert self.held is not None, "pages are replayed inside locks.hold()"
         self.held.confirm(walk.account)
         previous_complete = state.previous_complete
-        return store.write_page(self.engine, self.run_id, batch, previous_complete)
+        return store.write_page(
+            self.engine,
+            self.run_id,
+            batch,
+            previous_complete,
+            confirm=self.guard.confirm,
+        )
 
     def _end(self, walk: ArchivedWalk, state: _WalkState) -> None:
         self.walks_ended += 1
@@ -357,6 +371,7 @@ class _Replay:
                 state.seen,
                 end.ended_at,
                 state.previous_complete,
+                confirm=self.guard.confirm,
             )
             self.counts.removed += removed
             self.counts.status_changes += removed
@@ -369,6 +384,7 @@ class _Replay:
             error=end.error,
             complete=complete,
             finished=end.ended_at,
+            guard=self.guard,
         )
 
     def _fail(self, walk: ArchivedWalk, message: str) -> None:

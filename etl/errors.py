@@ -153,6 +153,12 @@ class RunNotBegun(RunInterrupted):
         self.exit_code = exit_code
 
 
+class RunAbandoned(RunInterrupted):
+    """Another run marked this one abandoned, its heartbeat being older than
+    the lease, while its process was only paused or hung: it stops, and
+    writes nothing more."""
+
+
 def bare_traceback(exc: BaseException) -> str:
     """The stack of an unexpected exception and its type, for the log, without
     its text: that can quote a task's data, a callback URL, or a setting

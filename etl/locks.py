@@ -35,7 +35,13 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from etl import runs, store
 from etl.accounts import Account
 from etl.config import LocksConfig
-from etl.errors import LockBusyError, LockLostError, RunInterrupted, StoreError
+from etl.errors import (
+    LockBusyError,
+    LockLostError,
+    RunAbandoned,
+    RunInterrupted,
+    StoreError,
+)
 from etl.models import account_locks
 from etl.threads import start_leaving_signals
 
@@ -473,24 +479,25 @@ class Heartbeat:
     """Marks a run alive and renews its locks every third of the lease.
 
     A run whose heartbeat is older than the lease belongs to a process that
-    is gone (or hung), wherever it ran: the next run marks it abandoned.
+    is gone (or hung), wherever it ran: the next run marks it abandoned. A
+    beat that finds its run so marked stops the run.
     """
 
     def __init__(
         self,
         engine: Engine,
-        run_id: int,
+        guard: runs.RunGuard,
         locks: AccountLocks,
         stop: threading.Event | None = None,
     ) -> None:
         self._engine = engine
-        self._run_id = run_id
+        self._guard = guard
         self._locks = locks
         self._stop = stop or threading.Event()
         self._every = locks.config.lease / 3
         self._done = threading.Event()
         self._thread = threading.Thread(
-            target=self._beat, name=f"heartbeat-{run_id}", daemon=True
+            target=self._beat, name=f"heartbeat-{guard.run_id}", daemon=True
         )
 
     def start(self) -> None:
@@ -506,12 +513,18 @@ class Heartbeat:
                 # A stopped run ends soon: the end waited for a beat that
                 # waited out another writer, up to the busy timeout.
                 with store.lock_waits_end_on(self._stop):
-                    runs.beat(self._engine, self._run_id)
+                    self._guard.beat(self._engine)
                 self._locks.renew()
+            except RunAbandoned:
+                # The run says why as it ends, which its guard makes it do.
+                self._stop.set()
+                return
             except SQLAlchemyError as exc:
                 # A missed beat is no harm while the lease is longer; retry.
                 log.warning(
-                    "run %s: heartbeat failed: %s", self._run_id, store.first_line(exc)
+                    "run %s: heartbeat failed: %s",
+                    self._guard.run_id,
+                    store.first_line(exc),
                 )
             except RunInterrupted:
                 continue  # stopped: the run gives its locks back next
@@ -521,13 +534,13 @@ class Heartbeat:
 def hold(
     engine: Engine,
     config: LocksConfig,
-    run_id: int,
+    guard: runs.RunGuard,
     *,
     stop: threading.Event | None = None,
 ) -> Iterator[AccountLocks]:
     """Locks for one run, with its heartbeat; everything is given back after."""
     locks = open_locks(engine, config, stop=stop)
-    heartbeat = Heartbeat(engine, run_id, locks, stop=stop)
+    heartbeat = Heartbeat(engine, guard, locks, stop=stop)
     heartbeat.start()
     try:
         yield locks

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,6 +14,7 @@ from sqlalchemy import ColumnElement, Connection, Engine, func, select, update
 
 from etl import store
 from etl.accounts import Account
+from etl.errors import RunAbandoned
 from etl.models import accounts, sync_run_accounts, sync_runs
 from etl.store import PageCounts, _insert_statement
 
@@ -58,6 +61,7 @@ def abandon_dead_runs(engine: Engine, lease: float = 60.0) -> int:
     its pid tells; on any host, so does a heartbeat older than the lease."""
     host = socket.gethostname()
     silent_since = now() - timedelta(seconds=lease)
+    abandoned = []
     with engine.begin() as connection:
         running = connection.execute(
             select(
@@ -69,26 +73,126 @@ def abandon_dead_runs(engine: Engine, lease: float = 60.0) -> int:
             ).where(sync_runs.c.outcome == "running")
         ).all()
         dead = [
-            row.id
+            row
             for row in running
             if (row.host == host and not is_alive(row.pid))
             or (row.heartbeat_at or row.started_at) < silent_since
         ]
-        for run_id in dead:
-            connection.execute(
+        for row in dead:
+            result = connection.execute(
                 update(sync_runs)
-                .where(sync_runs.c.id == run_id)
+                # Only as read: on PostgreSQL a beat committed meanwhile, by
+                # a process that woke, holds this update back until it
+                # commits, and then keeps the run running (see `RunGuard`).
+                .where(
+                    sync_runs.c.id == row.id,
+                    sync_runs.c.outcome == "running",
+                    _beat_is(row.heartbeat_at),
+                )
                 .values(
                     outcome="abandoned",
                     finished_at=now(),
-                    accounts=_walks_finished(connection, run_id),
+                    accounts=_walks_finished(connection, row.id),
                 )
             )
-    for run_id in dead:
+            if result.rowcount:
+                abandoned.append(row.id)
+    for run_id in abandoned:
         log.warning(
             "run %s was left running by a process that is gone: abandoned", run_id
         )
-    return len(dead)
+    return len(abandoned)
+
+
+def start_guarded_run(engine: Engine, kind: str, *, lease: float) -> RunGuard:
+    """Record a new run as `start_run` does; the guard of its writes."""
+    proved = (time.monotonic(), now())
+    run_id = start_run(engine, kind, lease=lease)
+    return RunGuard(run_id, lease, proved=proved)
+
+
+def abandoned_error(run_id: int, lease: float | None = None) -> RunAbandoned:
+    older = "its heartbeat being older than the lease"
+    if lease is not None:
+        older = f"its heartbeat being older than locks.lease ({lease:g} s)"
+    return RunAbandoned(
+        f"run {run_id} was marked abandoned by another run, {older} while its"
+        " process was paused or hung: it stopped and wrote nothing more; the next"
+        " run syncs its accounts"
+    )
+
+
+class RunGuard:
+    """Keeps a run from writing once another run has marked it abandoned.
+
+    The next run to start marks abandoned a run whose heartbeat is older
+    than the lease (`abandon_dead_runs`), as its process looks gone. But a
+    process only paused (stopped by a signal, a frozen virtual machine)
+    wakes and goes on: its writes would land unseen by the runs that took
+    it for dead, such as a refresh of the daily counts that counted the day
+    whole, and its end would overwrite its outcome. So each of its writes
+    confirms, in the write's own transaction, that it is still running.
+    """
+
+    def __init__(
+        self, run_id: int, lease: float, *, proved: tuple[float, datetime] | None
+    ) -> None:
+        self.run_id = run_id
+        self.lease = lease
+        self.abandoned = False
+        # When the run last showed itself alive, by both clocks, never later
+        # than the heartbeat stored then; if not known, the first write asks.
+        self._proved = proved or (-math.inf, datetime.min.replace(tzinfo=UTC))
+
+    def beat(self, engine: Engine) -> None:
+        """Show that the run is alive; `RunAbandoned` if it was marked abandoned."""
+        proof = (time.monotonic(), now())
+        with engine.begin() as connection:
+            self._beat_in(connection, proof[1])
+        self._proved = proof
+
+    def confirm(self, connection: Connection) -> None:
+        """Raise `RunAbandoned` if the run was marked abandoned, rolling back
+        the write of `connection`'s transaction; called last before its commit.
+
+        It asks the database only when the run's last beat is older than
+        half the lease. Another run abandons this one only once the beat is
+        older than the whole lease, by that run's clock: the half left over
+        is for the hosts' clocks to differ and for this commit to be made.
+        A beat in every page's transaction made a re-sync's writing slower.
+        """
+        if self.abandoned:
+            raise self.error()
+        mono, wall = self._proved
+        half = self.lease / 2
+        if time.monotonic() - mono < half and now() - wall < timedelta(seconds=half):
+            return
+        self._beat_in(connection, now())
+
+    def check(self) -> None:
+        """Raise `RunAbandoned` if a write or a beat found the run abandoned."""
+        if self.abandoned:
+            raise self.error()
+
+    def error(self) -> RunAbandoned:
+        return abandoned_error(self.run_id, self.lease)
+
+    def _beat_in(self, connection: Connection, moment: datetime) -> None:
+        # On PostgreSQL the row stays locked until the commit: a run
+        # abandoning this one waits for it, then finds the beat.
+        result = connection.execute(
+            update(sync_runs)
+            .where(sync_runs.c.id == self.run_id, sync_runs.c.outcome == "running")
+            .values(heartbeat_at=moment)
+        )
+        if result.rowcount == 0:
+            self.abandoned = True
+            raise self.error()
+
+
+def _beat_is(moment: datetime | None) -> ColumnElement[bool]:
+    beat = sync_runs.c.heartbeat_at
+    return beat.is_(None) if moment is None else beat == moment
 
 
 def _walks_finished(connection: Connection, run_id: int) -> int:
@@ -130,11 +234,13 @@ def finish_run(
     errors: list[str],
     accounts_skipped: int = 0,
 ) -> datetime:
+    """Record how the run ended; `RunAbandoned` if another run had marked it
+    abandoned, whose record stands."""
     finished = now()
     with engine.begin() as connection:
-        connection.execute(
+        result = connection.execute(
             update(sync_runs)
-            .where(sync_runs.c.id == run_id)
+            .where(sync_runs.c.id == run_id, sync_runs.c.outcome == "running")
             .values(
                 outcome=outcome,
                 finished_at=finished,
@@ -146,17 +252,9 @@ def finish_run(
                 error="\n".join(errors) or None,
             )
         )
+    if result.rowcount == 0:
+        raise abandoned_error(run_id)
     return finished
-
-
-def beat(engine: Engine, run_id: int) -> None:
-    """Show that a run is alive; see `abandon_dead_runs`."""
-    with engine.begin() as connection:
-        connection.execute(
-            update(sync_runs)
-            .where(sync_runs.c.id == run_id, sync_runs.c.outcome == "running")
-            .values(heartbeat_at=now())
-        )
 
 
 def record_walk(
@@ -169,9 +267,12 @@ def record_walk(
     pages: int = 0,
     tasks_seen: int = 0,
     error: str | None = None,
+    guard: RunGuard | None = None,
 ) -> None:
     """One row of `sync_run_accounts`: what a run did with one account."""
     with engine.begin() as connection:
+        if guard is not None:
+            guard.confirm(connection)
         connection.execute(
             sync_run_accounts.insert().values(
                 run_id=run_id,
@@ -250,6 +351,7 @@ def record_account(
     error: str | None,
     complete: bool,
     finished: datetime | None = None,
+    guard: RunGuard | None = None,
 ) -> None:
     finished = finished or now()
     values: dict[str, object] = {
@@ -266,6 +368,8 @@ def record_account(
         values["last_complete_at"] = started
     with engine.begin() as connection:
         connection.execute(update(accounts).where(*_key(account)).values(**values))
+        if guard is not None:
+            guard.confirm(connection)
 
 
 def _key(account: Account) -> tuple[ColumnElement[bool], ColumnElement[bool]]:

@@ -114,6 +114,9 @@ _WRITTEN_TABLES = "tasks, task_status_changes, groups, sync_rejects, sync_runs"
 # The execution option of a connection that only reads: on SQLite it then
 # never waits for another process's writer (see `_tune_sqlite`).
 _READS_ONLY = "etl_reads_only"
+# Called last in each transaction that writes for a run, to roll it back by
+# raising once the run may no longer write (see `runs.RunGuard.confirm`).
+Confirm = Callable[[Connection], None]
 # The event that ends this thread's waits for the lock (see `lock_waits_end_on`).
 _lock_wait_ends_on: ContextVar[threading.Event | None] = ContextVar(
     "_lock_wait_ends_on", default=None
@@ -487,10 +490,15 @@ def _is_busy(exc: Exception) -> bool:
 
 
 def write_page(
-    engine: Engine, run_id: int, batch: PageBatch, previous_complete: datetime | None
+    engine: Engine,
+    run_id: int,
+    batch: PageBatch,
+    previous_complete: datetime | None,
+    *,
+    confirm: Confirm | None = None,
 ) -> PageCounts:
     """Store one page in one transaction and say what changed."""
-    with PageWriter(engine) as writer:
+    with PageWriter(engine, confirm=confirm) as writer:
         return writer.write(run_id, batch, previous_complete)
 
 
@@ -503,8 +511,9 @@ class PageWriter:
     the connection, so a broken one is replaced for the next page.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, confirm: Confirm | None = None) -> None:
         self.engine = engine
+        self._confirm = confirm
         self._connection: Connection | None = None
         # Whether its history rows go by COPY (see `_copy_stores_changes`).
         self._copies_changes = False
@@ -610,6 +619,8 @@ class PageWriter:
             saving = monotonic() - self._saved_at >= RUN_COUNTS_EVERY
             if saving:
                 _add_to_run(connection, run_id, *unsaved)
+            if self._confirm is not None:
+                self._confirm(connection)
         # Only once committed: a transaction rolled back stored no group, and
         # counts nothing.
         self._groups = known
@@ -1481,6 +1492,8 @@ def mark_removals(
     seen: SeenIds,
     observed_at: datetime,
     previous_complete: datetime | None,
+    *,
+    confirm: Confirm | None = None,
 ) -> int:
     """Settle the account's listed tasks after a complete walk; the count removed.
 
@@ -1518,6 +1531,8 @@ def mark_removals(
             missed = _set_unlisted(connection, missed, listed, previous_complete)
             gone = [row for row in flagged if row.uuid not in seen]
             gone = _remove(connection, run_id, gone, listed & _IS_FLAGGED, observed_at)
+            if confirm is not None:
+                confirm(connection)
     except (SQLAlchemyError, engine.dialect.loaded_dbapi.Error) as exc:
         raise StoreError(
             f"account {account.label}: removals were not marked: {first_line(exc)}"

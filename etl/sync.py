@@ -263,7 +263,6 @@ class _Run:
         self.halted_by: str | None = None
         self.cut_short = False
         self.locks: locks.AccountLocks | None = None
-        self.writer = store.PageWriter(engine)
         # Room for two pages per fetcher keeps them busy while the writer
         # works, and bounds memory whatever the number of pages. A few more
         # let the writer take more pages into each transaction, each of
@@ -289,7 +288,7 @@ class _Run:
         began = time.monotonic()
         watcher = self._watch(stop, deadline)
         run_id = self._start(watcher, deadline)
-        holding = locks.hold(self.engine, self.config.locks, run_id, stop=self.stop)
+        holding = locks.hold(self.engine, self.config.locks, self.guard, stop=self.stop)
         try:
             with holding as self.locks:
                 self._walk_all(only)
@@ -299,21 +298,23 @@ class _Run:
             self._end_cut_walks(deadline)
         except BaseException as exc:
             self.stop.set()
-            runs.finish_run(
-                self.engine,
-                run_id,
-                "failed",
-                self.counts,
-                accounts_total=len(self.states),
-                accounts_failed=len(self.states),
-                pages=self.pages,
-                errors=self._errors() or [describe_crash(exc)],
-            )
+            if not self.guard.abandoned:
+                runs.finish_run(
+                    self.engine,
+                    run_id,
+                    "failed",
+                    self.counts,
+                    accounts_total=len(self.states),
+                    accounts_failed=len(self.states),
+                    pages=self.pages,
+                    errors=self._errors() or [describe_crash(exc)],
+                )
             raise
         finally:
             self.stop.set()
             watcher.join()
 
+        self.guard.check()
         failed = sum(1 for state in self.states.values() if state.failed)
         skipped = sum(1 for state in self.states.values() if state.skipped)
         outcome = self._outcome(failed, skipped)
@@ -351,7 +352,7 @@ class _Run:
         """
         try:
             with store.lock_waits_end_on(self.stop):
-                self.run_id = runs.start_run(
+                self.guard = runs.start_guarded_run(
                     self.engine, self.kind, lease=self.config.locks.lease
                 )
         except BaseException as exc:
@@ -367,6 +368,9 @@ class _Run:
                     f" database: {store.first_line(exc)}"
                 ) from exc
             raise
+        self.run_id = self.guard.run_id
+        # Each page's transaction confirms that the run may still write.
+        self.writer = store.PageWriter(self.engine, confirm=self.guard.confirm)
         return self.run_id
 
     def _not_begun(self, deadline: float | None) -> RunNotBegun:
@@ -410,6 +414,7 @@ class _Run:
 
     def _end_cut_walks(self, deadline: float | None) -> None:
         """Record the walks a halt cut short; nothing of them is removed."""
+        self.guard.check()
         cut = [account for account, state in self.states.items() if not state.ended]
         self.cut_short = self.cut_short or bool(cut)
         if not self.cut_short:
@@ -440,6 +445,7 @@ class _Run:
                 outcome=outcome,
                 error=self._error(account),
                 complete=False,
+                guard=self.guard,
             )
             self._record_walk(account, outcome)
 
@@ -471,6 +477,7 @@ class _Run:
             pages=state.pages,
             tasks_seen=state.tasks_seen,
             error=self._error(account),
+            guard=self.guard,
         )
 
     def _error(self, account: Account) -> str | None:
@@ -865,6 +872,8 @@ class _Run:
         if complete:
             try:
                 removed = self._settle(end.account, state, ended)
+            except RunInterrupted:
+                raise  # the run was marked abandoned: it writes nothing more
             except EtlError as exc:
                 # The pages are stored; the next complete walk marks removals.
                 self._fail(end.account, str(exc))
@@ -885,6 +894,7 @@ class _Run:
             error=self._error(end.account),
             complete=complete,
             finished=ended,
+            guard=self.guard,
         )
         self._record_walk(end.account, outcome)
         assert self.locks is not None, "locks are taken inside locks.hold()"
@@ -932,6 +942,7 @@ class _Run:
             state.seen,
             ended,
             state.previous_complete,
+            confirm=self.guard.confirm,
         )
 
     def _archive_end(

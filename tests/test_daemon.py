@@ -23,10 +23,11 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import OperationalError
 from writers import LockAfterFirstPage, other_writer, write_lock_held
 
 from etl import config as config_module
-from etl import store
+from etl import runs, store
 from etl.config import ApiConfig, Config, DatabaseConfig, MainAccount
 from etl.errors import RunNotBegun, StoreError
 from etl.models import sync_run_accounts, sync_runs, task_status_changes, tasks
@@ -694,6 +695,59 @@ def test_a_daemon_killed_mid_run_is_followed_by_a_clean_run(
     assert (stored, changes) == snapshot(clean)
     assert set(changes.values()) == {1}
     clean.dispose()
+
+
+# Paused past its lease, a run was marked abandoned by the next run to start;
+# woken, it wrote its pages on, and its end overwrote `abandoned`.
+def test_a_sync_woken_after_it_was_marked_abandoned_writes_nothing_more(
+    tmp_path: Path,
+    server: SimServer,
+    simulator: Simulator,
+    db_url: str,
+    engine: Engine,
+    started: Callable[..., Daemon],
+) -> None:
+    add_tasks(simulator, 40)
+    simulator.delay = 0.05
+    path = write_config(tmp_path, server, simulator, db_url, locks="lease = 1")
+    sync = started(path, "sync")
+    wait_until(lambda: count(engine, tasks) >= 4, "some pages stored")
+
+    other = store.connect(DatabaseConfig(url=db_url, busy_timeout=0.5))
+    try:
+        abandoned_while_paused(sync.process, other)
+        before = snapshot(engine), count(engine, sync_run_accounts)
+    finally:
+        sync.process.send_signal(signal.SIGCONT)
+        other.dispose()
+    code = sync.process.wait(timeout=EXIT_WAIT)
+
+    assert code == 1, sync.log
+    assert "Error: run 1 was marked abandoned by another run" in sync.log
+    assert (snapshot(engine), count(engine, sync_run_accounts)) == before
+    (run,) = all_runs(engine)
+    assert run.outcome == "abandoned"
+
+
+def abandoned_while_paused(process: subprocess.Popen[bytes], other: Engine) -> None:
+    """Pause the process past its lease of 1 s, and have `other`, as the next
+    run to start would, mark its run abandoned.
+
+    Paused while it held the database's write lock, it keeps it: it is let
+    go on for a moment, and paused again.
+    """
+    for _ in range(10):
+        process.send_signal(signal.SIGSTOP)
+        time.sleep(1.5)
+        try:
+            assert runs.abandon_dead_runs(other, lease=1) == 1
+            return
+        except OperationalError as exc:
+            if not store.is_lock_wait(exc):
+                raise
+        process.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
+    raise AssertionError("the paused process held the write lock ten times")
 
 
 def test_a_run_past_its_deadline_fails_and_the_daemon_goes_on(

@@ -7,8 +7,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from unittest import mock
 
 import pytest
 from alembic import command
@@ -25,10 +28,11 @@ from etl.config import (
     DatabaseConfig,
     LocksConfig,
 )
-from etl.errors import LockBusyError, LockLostError, RunInterrupted
+from etl.errors import LockBusyError, LockLostError, RunAbandoned, RunInterrupted
 from etl.models import account_locks, sync_run_accounts, sync_runs, tasks
 from etl.report import describe_run
 from etl.simulator import SimServer, Simulator
+from etl.store import PageBatch
 from etl.sync import parse_page, run_sync
 
 HOST = socket.gethostname()
@@ -268,11 +272,11 @@ def test_a_run_whose_lease_was_taken_over_writes_no_more(sqlite_url: str) -> Non
 
 
 def test_the_heartbeat_keeps_the_run_and_its_leases_alive(engine: Engine) -> None:
-    run_id = runs.start_run(engine, "sync")
+    guard = runs.start_guarded_run(engine, "sync", lease=0.3)
     with engine.connect() as connection:
         first = connection.execute(select_rows(sync_runs.c.heartbeat_at)).scalar_one()
 
-    with locks.hold(engine, LocksConfig(lease=0.3), run_id) as held:
+    with locks.hold(engine, LocksConfig(lease=0.3), guard) as held:
         held.acquire(ACCOUNT)
         beats = wait_for_heartbeat(engine, after=first)
 
@@ -288,10 +292,10 @@ def test_a_stop_ends_a_wait_to_take_a_lock_for_another_writer(sqlite_url: str) -
     # waited behind it past the stop, and was written after the stop.
     engine = store.connect(DatabaseConfig(url=sqlite_url, busy_timeout=5))
     store.migrate(engine)
-    run_id = runs.start_run(engine, "sync")
+    guard = runs.start_guarded_run(engine, "sync", lease=60)
     stop = threading.Event()
 
-    with locks.hold(engine, LocksConfig(lease=60), run_id, stop=stop) as held:
+    with locks.hold(engine, LocksConfig(lease=60), guard, stop=stop) as held:
         held.acquire(ACCOUNT)
         with write_lock_held(sqlite_url):
             threading.Timer(0.3, stop.set).start()
@@ -309,11 +313,11 @@ def test_a_stop_ends_the_heartbeat_s_wait_for_another_writer(sqlite_url: str) ->
     # timeout, and the end of a stopped run waited for it.
     engine = store.connect(DatabaseConfig(url=sqlite_url, busy_timeout=5))
     store.migrate(engine)
-    run_id = runs.start_run(engine, "sync")
+    guard = runs.start_guarded_run(engine, "sync", lease=0.3)
     stop = threading.Event()
 
     with write_lock_held(sqlite_url):
-        with locks.hold(engine, LocksConfig(lease=0.3), run_id, stop=stop):
+        with locks.hold(engine, LocksConfig(lease=0.3), guard, stop=stop):
             time.sleep(0.4)  # the heartbeat, every 0.1 s, waits for the lock
             stop.set()
             began = time.monotonic()
@@ -493,6 +497,146 @@ def test_an_abandoned_run_counts_what_it_committed(engine: Engine) -> None:
     counted = (run.accounts, run.pages, run.tasks_seen, run.tasks_new)
     assert (run.outcome, *counted) == ("abandoned", 1, 1, 3, 3)
     assert (run.status_changes, run.rejected, run.tasks_removed) == (3, 1, 0)
+
+
+LEASE = 60.0
+
+
+@contextmanager
+def paused_past_the_lease() -> Iterator[None]:
+    """This process's clocks a lease and a second ahead, as they are for a
+    process that was paused that long (stopped by a signal, say)."""
+    wall = runs.now() + timedelta(seconds=LEASE + 1)
+    mono = time.monotonic() + LEASE + 1
+    with (
+        mock.patch.object(runs, "now", return_value=wall),
+        mock.patch.object(runs.time, "monotonic", return_value=mono),
+    ):
+        yield
+
+
+def one_page(uuids: list[str]) -> PageBatch:
+    items = tuple({"uuid": uuid, "status": 2} for uuid in uuids)
+    page = Page(ACCOUNT, TASK_LIST, 1, items, len(items), 1, 15, runs.now(), b"")
+    return parse_page(page, UTC)
+
+
+# A run paused past its lease is taken for dead, and marked abandoned, by the
+# next run to start. Woken, it wrote on: more pages, its removals, and its
+# outcome over `abandoned`, unseen by the runs that had taken it for dead.
+def test_a_run_marked_abandoned_while_paused_writes_nothing_more(
+    engine: Engine,
+) -> None:
+    guard = runs.start_guarded_run(engine, "sync", lease=LEASE)
+    run_id = guard.run_id
+    store.write_page(engine, run_id, one_page(["a"]), None, confirm=guard.confirm)
+    before = runs.now()
+
+    with paused_past_the_lease():
+        assert runs.abandon_dead_runs(engine, lease=LEASE) == 1
+        with pytest.raises(RunAbandoned, match=f"^run {run_id} was marked abandoned"):
+            page = one_page(["b"])
+            store.write_page(engine, run_id, page, None, confirm=guard.confirm)
+    # Each kind of write asks the database itself, as a guard that has not
+    # heard of it yet would.
+    writes: list[Callable[[runs.RunGuard], object]] = [
+        lambda g: store.mark_removals(
+            engine, run_id, ACCOUNT, store.SeenIds(), before, before, confirm=g.confirm
+        ),
+        lambda g: runs.record_walk(
+            engine, run_id, ACCOUNT, outcome="succeeded", started=before, guard=g
+        ),
+        lambda g: runs.record_account(
+            engine,
+            ACCOUNT,
+            run_id,
+            started=before,
+            outcome="succeeded",
+            error=None,
+            complete=True,
+            guard=g,
+        ),
+        lambda g: runs.finish_run(
+            engine,
+            run_id,
+            "succeeded",
+            store.PageCounts(),
+            accounts_total=1,
+            accounts_failed=0,
+            pages=2,
+            errors=[],
+        ),
+    ]
+    for write in writes:
+        with pytest.raises(RunAbandoned, match=f"^run {run_id} was marked abandoned"):
+            write(runs.RunGuard(run_id, LEASE, proved=None))
+
+    with engine.connect() as connection:
+        stored = connection.execute(
+            select_rows(tasks.c.uuid, tasks.c.unlisted_after)
+        ).all()
+        run = connection.execute(select_rows(sync_runs)).one()
+        walks = connection.execute(select_rows(sync_run_accounts)).all()
+    assert [tuple(row) for row in stored] == [("a", None)]
+    assert (run.outcome, run.accounts, walks) == ("abandoned", 0, [])
+
+
+def test_a_beat_that_finds_its_run_abandoned_stops_the_run(engine: Engine) -> None:
+    guard = runs.start_guarded_run(engine, "sync", lease=0.3)
+    stop = threading.Event()
+
+    with locks.hold(engine, LocksConfig(lease=0.3), guard, stop=stop):
+        with engine.begin() as connection:
+            connection.execute(
+                sync_runs.update()
+                .where(sync_runs.c.id == guard.run_id)
+                .values(outcome="abandoned")
+            )
+        stopped = stop.wait(5)
+
+    assert stopped, "the heartbeat went on beating for a run marked abandoned"
+    assert guard.abandoned
+    with pytest.raises(RunAbandoned):
+        guard.check()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_run_that_beats_while_another_abandons_it_keeps_running(
+    engine: Engine,
+) -> None:
+    # The other run read the run's old heartbeat, then waited for the row,
+    # which the beat's transaction held; it abandoned a run that had just
+    # shown itself alive, and that then went on writing for half a lease.
+    guard = runs.start_guarded_run(engine, "sync", lease=LEASE)
+    abandoned: list[int] = []
+
+    with engine.connect() as beating, beating.begin():
+        runs.RunGuard(guard.run_id, LEASE, proved=None).confirm(beating)
+        with paused_past_the_lease():
+            other = threading.Thread(
+                target=lambda: abandoned.append(
+                    runs.abandon_dead_runs(engine, lease=LEASE)
+                )
+            )
+            other.start()
+            wait_for_a_lock_wait(engine)
+    other.join(timeout=30)
+
+    assert abandoned == [0]
+    with engine.connect() as connection:
+        run = connection.execute(select_rows(sync_runs)).one()
+    assert run.outcome == "running"
+
+
+def wait_for_a_lock_wait(engine: Engine) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with engine.connect() as connection:
+            query = text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+            if connection.execute(query).scalar_one():
+                return
+        time.sleep(0.02)
+    raise AssertionError("no session waited for a lock within 10 s")
 
 
 def test_upgrade_keeps_the_runs_and_a_crashed_one_is_abandoned(db_url: str) -> None:

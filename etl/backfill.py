@@ -256,7 +256,7 @@ class _Replay:
                 self.walks = newer
                 self.states = [_WalkState() for _ in newer]
                 replayed = {_key(walk.account) for walk in newer} | self.failed
-                _register(self.engine, newer)
+                _register(self.engine, newer, self.guard)
                 for event in _events(newer):
                     if self.stop.is_set():
                         break
@@ -449,13 +449,15 @@ def _newer_than_database(
     return newer
 
 
-def _register(engine: Engine, walks: list[ArchivedWalk]) -> None:
+def _register(engine: Engine, walks: list[ArchivedWalk], guard: runs.RunGuard) -> None:
     """Add the accounts of the walks, first seen when their first walk began."""
     first: dict[tuple[str, str], ArchivedWalk] = {}
     for walk in sorted(walks, key=lambda w: w.started_at):
         first.setdefault(_key(walk.account), walk)
     for walk in first.values():
-        runs.register_accounts(engine, [walk.account], seen_at=walk.started_at)
+        runs.register_accounts(
+            engine, [walk.account], seen_at=walk.started_at, guard=guard
+        )
 
 
 def _events(walks: list[ArchivedWalk]) -> list[_Event]:

@@ -225,15 +225,33 @@ def parse(
     _check_one_entry_each(accounts, path)
     if tokens:
         _check_tokens(api, accounts, path)
+    locks = _read_locks(reader.table("locks"))
+    _check_busy_timeout(database, locks, path)
     return Config(
         database=database,
         api=api,
         accounts=accounts,
         path=path,
         schedule=_read_schedule(reader.table("schedule")),
-        locks=_read_locks(reader.table("locks")),
+        locks=locks,
         archive=_read_archive(reader.table("archive"), "archive" in document),
     )
+
+
+def _check_busy_timeout(
+    database: DatabaseConfig, locks: LocksConfig, path: str
+) -> None:
+    """On SQLite a run's heartbeat waits for another writer as its pages do.
+    A wait longer than the lease less the third of it between two beats has
+    the next run take a healthy run for dead, and the run then stops."""
+    if database.url.startswith("sqlite") and database.busy_timeout > locks.lease / 2:
+        raise ConfigError(
+            f"must be at most half of locks.lease ({locks.lease:g} s) on SQLite:"
+            " a run waiting longer for another writer could not renew its"
+            " heartbeat, and the next run would take it for dead",
+            key="database.busy_timeout",
+            path=path,
+        )
 
 
 def _read_archive(reader: _Reader, is_present: bool) -> ArchiveConfig | None:

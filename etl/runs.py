@@ -112,13 +112,14 @@ def start_guarded_run(engine: Engine, kind: str, *, lease: float) -> RunGuard:
 
 
 def abandoned_error(run_id: int, lease: float | None = None) -> RunAbandoned:
-    older = "its heartbeat being older than the lease"
+    lasted = "the lease"
     if lease is not None:
-        older = f"its heartbeat being older than locks.lease ({lease:g} s)"
+        lasted = f"locks.lease ({lease:g} s)"
     return RunAbandoned(
-        f"run {run_id} was marked abandoned by another run, {older} while its"
-        " process was paused or hung: it stopped and wrote nothing more; the next"
-        " run syncs its accounts"
+        f"run {run_id} was marked abandoned by another run, its heartbeat being"
+        f" older than {lasted}: its process was paused or hung, or could not write"
+        " to the database for that long. It stopped and wrote nothing more; a"
+        " later run syncs its accounts"
     )
 
 
@@ -289,7 +290,11 @@ def record_walk(
 
 
 def register_accounts(
-    engine: Engine, found: list[Account], *, seen_at: datetime | None = None
+    engine: Engine,
+    found: list[Account],
+    *,
+    seen_at: datetime | None = None,
+    guard: RunGuard | None = None,
 ) -> None:
     """Add accounts not known yet; keep names current."""
     if not found:
@@ -312,6 +317,8 @@ def register_accounts(
             where=accounts.c.name.is_distinct_from(statement.excluded.name),
         )
         connection.execute(statement, rows)
+        if guard is not None:
+            guard.confirm(connection)
 
 
 def known_sub_accounts(engine: Engine, user_id: str) -> list[Account]:

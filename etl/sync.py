@@ -503,7 +503,7 @@ class _Run:
         configured = self._new_accounts(
             account for main in self.config.accounts for account in _configured(main)
         )
-        runs.register_accounts(self.engine, configured)
+        runs.register_accounts(self.engine, configured, guard=self.guard)
         for main in self.config.accounts:
             # Once for each main account, should a Config name one twice.
             if main.discover_sub_accounts and main.user_id not in self.discovering:
@@ -753,7 +753,7 @@ class _Run:
         # Written between pages: a halt ends its wait for SQLite's write
         # lock like theirs.
         with store.lock_waits_end_on(self.stop):
-            runs.register_accounts(self.engine, new)
+            runs.register_accounts(self.engine, new, guard=self.guard)
         for account in new:
             self._add(account)
         del self.discovering[found.user_id]

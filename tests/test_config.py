@@ -372,6 +372,38 @@ def test_a_setting_no_run_can_use_is_refused_naming_it(
     assert raised.value.exit_code == 2
 
 
+# On SQLite a run's heartbeat waits for another writer as its pages do: with
+# a busy timeout of 30 s and a lease of 2 s, a healthy run that waited 4 s
+# was taken for dead by the next run, and stopped.
+@pytest.mark.parametrize(
+    ("settings", "taken"),
+    [
+        ("[database]\nbusy_timeout = 30\n[locks]\nlease = 2\n", None),
+        ("[database]\nbusy_timeout = 31\n", None),
+        ("[database]\nbusy_timeout = 30\n", 30.0),
+        ("[database]\nbusy_timeout = 1\n[locks]\nlease = 2\n", 1.0),
+        (
+            '[database]\nurl = "postgresql+psycopg://127.0.0.1/etl"\n'
+            "busy_timeout = 30\n[locks]\nlease = 2\n",
+            30.0,
+        ),
+    ],
+)
+def test_on_sqlite_the_busy_timeout_is_at_most_half_the_lease(
+    tmp_path: Path, settings: str, taken: float | None
+) -> None:
+    path = write(tmp_path, settings + MINIMAL)
+
+    if taken is None:
+        with pytest.raises(ConfigError) as raised:
+            config.load(path, {})
+        assert str(raised.value).startswith(
+            f"{path}: database.busy_timeout: must be at most half of locks.lease"
+        )
+    else:
+        assert config.load(path, {}).database.busy_timeout == taken
+
+
 def test_number_settings_at_the_ends_of_their_ranges_are_taken(
     tmp_path: Path,
 ) -> None:
@@ -379,7 +411,7 @@ def test_number_settings_at_the_ends_of_their_ranges_are_taken(
         "[api]",
         "[database]\nbusy_timeout = 86400\n[api]\nread_timeout = 86400\n"
         "connect_timeout = 0.001\nrequests_per_second = 0.001\n",
-    )
+    ).replace("[[accounts]]", '[locks]\nlease = "2d"\n[[accounts]]', 1)
 
     loaded = config.load(write(tmp_path, text), {})
     fastest = config.load(

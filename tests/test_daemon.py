@@ -104,6 +104,7 @@ def write_config(
     schedule: str = "interval = 1",
     api: str = "",
     locks: str = "wait = 0",
+    database: str = "",
 ) -> Path:
     accounts = "".join(
         f'[[accounts]]\nuser_id = "{user_id}"\ndiscover_sub_accounts = true\n'
@@ -111,7 +112,7 @@ def write_config(
     )
     path = tmp_path / "task-etl.toml"
     path.write_text(
-        f'[database]\nurl = "{db_url}"\n'
+        f'[database]\nurl = "{db_url}"\n{database}\n'
         f'[api]\nbase_url = "{server.url}"\npage_size = 2\n'
         f"requests_per_second = 1000.0\nread_timeout = 10\n{api}\n"
         f"[schedule]\n{schedule}\n[locks]\n{locks}\n" + accounts,
@@ -709,7 +710,14 @@ def test_a_sync_woken_after_it_was_marked_abandoned_writes_nothing_more(
 ) -> None:
     add_tasks(simulator, 40)
     simulator.delay = 0.05
-    path = write_config(tmp_path, server, simulator, db_url, locks="lease = 1")
+    path = write_config(
+        tmp_path,
+        server,
+        simulator,
+        db_url,
+        locks="lease = 1",
+        database="busy_timeout = 0.5",
+    )
     sync = started(path, "sync")
     wait_until(lambda: count(engine, tasks) >= 4, "some pages stored")
 

@@ -29,7 +29,7 @@ from etl.config import (
     LocksConfig,
 )
 from etl.errors import LockBusyError, LockLostError, RunAbandoned, RunInterrupted
-from etl.models import account_locks, sync_run_accounts, sync_runs, tasks
+from etl.models import account_locks, accounts, sync_run_accounts, sync_runs, tasks
 from etl.report import describe_run
 from etl.simulator import SimServer, Simulator
 from etl.store import PageBatch
@@ -540,6 +540,7 @@ def test_a_run_marked_abandoned_while_paused_writes_nothing_more(
     # Each kind of write asks the database itself, as a guard that has not
     # heard of it yet would.
     writes: list[Callable[[runs.RunGuard], object]] = [
+        lambda g: runs.register_accounts(engine, [Account("main-1", "sub-9")], guard=g),
         lambda g: store.mark_removals(
             engine, run_id, ACCOUNT, store.SeenIds(), before, before, confirm=g.confirm
         ),
@@ -577,8 +578,9 @@ def test_a_run_marked_abandoned_while_paused_writes_nothing_more(
         ).all()
         run = connection.execute(select_rows(sync_runs)).one()
         walks = connection.execute(select_rows(sync_run_accounts)).all()
+        known = connection.execute(select_rows(accounts.c.sub_user_id)).all()
     assert [tuple(row) for row in stored] == [("a", None)]
-    assert (run.outcome, run.accounts, walks) == ("abandoned", 0, [])
+    assert (run.outcome, run.accounts, walks, known) == ("abandoned", 0, [], [])
 
 
 def test_a_beat_that_finds_its_run_abandoned_stops_the_run(engine: Engine) -> None:

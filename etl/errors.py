@@ -155,8 +155,8 @@ class RunNotBegun(RunInterrupted):
 
 class RunAbandoned(RunInterrupted):
     """Another run marked this one abandoned, its heartbeat being older than
-    the lease, while its process was only paused or hung: it stops, and
-    writes nothing more."""
+    the lease, while its process was only paused, hung, or kept from writing:
+    it stops, and writes nothing more."""
 
 
 def bare_traceback(exc: BaseException) -> str:

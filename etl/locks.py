@@ -516,7 +516,8 @@ class Heartbeat:
                     self._guard.beat(self._engine)
                 self._locks.renew()
             except RunAbandoned:
-                # The run says why as it ends, which its guard makes it do.
+                # Its guard now refuses the run's every write: the run ends,
+                # and says why.
                 self._stop.set()
                 return
             except SQLAlchemyError as exc:

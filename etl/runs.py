@@ -157,10 +157,11 @@ class RunGuard:
         the write of `connection`'s transaction; called last before its commit.
 
         It asks the database only when the run's last beat is older than
-        half the lease. Another run abandons this one only once the beat is
-        older than the whole lease, by that run's clock: the half left over
-        is for the hosts' clocks to differ and for this commit to be made.
-        A beat in every page's transaction made a re-sync's writing slower.
+        half the lease, so that a healthy run, whose heartbeat keeps that
+        beat recent, writes a page with no statement more. Another run
+        abandons this one only once the beat is older than the whole lease,
+        by that run's clock: the half left over is for the hosts' clocks to
+        differ and for this commit to be made.
         """
         if self.abandoned:
             raise self.error()
@@ -272,8 +273,6 @@ def record_walk(
 ) -> None:
     """One row of `sync_run_accounts`: what a run did with one account."""
     with engine.begin() as connection:
-        if guard is not None:
-            guard.confirm(connection)
         connection.execute(
             sync_run_accounts.insert().values(
                 run_id=run_id,
@@ -287,6 +286,8 @@ def record_walk(
                 error=error,
             )
         )
+        if guard is not None:
+            guard.confirm(connection)
 
 
 def register_accounts(

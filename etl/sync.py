@@ -31,6 +31,7 @@ from etl.errors import (
     EtlError,
     LockBusyError,
     LockTimeoutError,
+    RunAbandoned,
     RunInterrupted,
     RunNotBegun,
     StopNotRecorded,
@@ -872,8 +873,8 @@ class _Run:
         if complete:
             try:
                 removed = self._settle(end.account, state, ended)
-            except RunInterrupted:
-                raise  # the run was marked abandoned: it writes nothing more
+            except RunAbandoned:
+                raise  # not the account's fault: the run writes nothing more
             except EtlError as exc:
                 # The pages are stored; the next complete walk marks removals.
                 self._fail(end.account, str(exc))

@@ -246,9 +246,10 @@ def _check_busy_timeout(
     the next run take a healthy run for dead, and the run then stops."""
     if database.url.startswith("sqlite") and database.busy_timeout > locks.lease / 2:
         raise ConfigError(
-            f"must be at most half of locks.lease ({locks.lease:g} s) on SQLite:"
-            " a run waiting longer for another writer could not renew its"
-            " heartbeat, and the next run would take it for dead",
+            f"{database.busy_timeout:g} s, must be at most {locks.lease / 2:g} s,"
+            f" half of locks.lease ({locks.lease:g} s), with SQLite"
+            f" ({database.source}): a run waiting longer for another writer could"
+            " not renew its heartbeat, and the next run would take it for dead",
             key="database.busy_timeout",
             path=path,
         )

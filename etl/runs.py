@@ -72,11 +72,11 @@ def abandon_dead_runs(engine: Engine, lease: float = 60.0) -> int:
                 sync_runs.c.heartbeat_at,
             ).where(sync_runs.c.outcome == "running")
         ).all()
+        gone = {row.id for row in running if row.host == host and not is_alive(row.pid)}
         dead = [
             row
             for row in running
-            if (row.host == host and not is_alive(row.pid))
-            or (row.heartbeat_at or row.started_at) < silent_since
+            if row.id in gone or (row.heartbeat_at or row.started_at) < silent_since
         ]
         for row in dead:
             result = connection.execute(
@@ -98,9 +98,10 @@ def abandon_dead_runs(engine: Engine, lease: float = 60.0) -> int:
             if result.rowcount:
                 abandoned.append(row.id)
     for run_id in abandoned:
-        log.warning(
-            "run %s was left running by a process that is gone: abandoned", run_id
-        )
+        why = f"with no heartbeat for longer than the lease ({lease:g} s)"
+        if run_id in gone:
+            why = "by a process that is gone"
+        log.warning("run %s was left running %s: abandoned", run_id, why)
     return len(abandoned)
 
 

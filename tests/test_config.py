@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from etl import config, store
+from etl.config import DATABASE_ENV
 from etl.errors import ConfigError, StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -376,32 +377,52 @@ def test_a_setting_no_run_can_use_is_refused_naming_it(
 # a busy timeout of 30 s and a lease of 2 s, a healthy run that waited 4 s
 # was taken for dead by the next run, and stopped.
 @pytest.mark.parametrize(
-    ("settings", "taken"),
+    ("settings", "environ", "taken"),
     [
-        ("[database]\nbusy_timeout = 30\n[locks]\nlease = 2\n", None),
-        ("[database]\nbusy_timeout = 31\n", None),
-        ("[database]\nbusy_timeout = 30\n", 30.0),
-        ("[database]\nbusy_timeout = 1\n[locks]\nlease = 2\n", 1.0),
+        (
+            "[database]\nbusy_timeout = 30\n[locks]\nlease = 2\n",
+            {},
+            "30 s, must be at most 1 s, half of locks.lease (2 s), with SQLite"
+            " (database.url)",
+        ),
+        (
+            "[database]\nbusy_timeout = 31\n",
+            {},
+            "31 s, must be at most 30 s, half of locks.lease (60 s), with SQLite"
+            " (database.url)",
+        ),
+        (
+            '[database]\nurl = "postgresql+psycopg://127.0.0.1/etl"\n'
+            '[locks]\nlease = "10s"\n',
+            {DATABASE_ENV: "sqlite:///etl.db"},
+            f"30 s, must be at most 5 s, half of locks.lease (10 s), with SQLite"
+            f" ({DATABASE_ENV})",
+        ),
+        ("[database]\nbusy_timeout = 30\n", {}, 30.0),
+        ("[database]\nbusy_timeout = 1\n[locks]\nlease = 2\n", {}, 1.0),
         (
             '[database]\nurl = "postgresql+psycopg://127.0.0.1/etl"\n'
             "busy_timeout = 30\n[locks]\nlease = 2\n",
+            {},
             30.0,
         ),
     ],
 )
 def test_on_sqlite_the_busy_timeout_is_at_most_half_the_lease(
-    tmp_path: Path, settings: str, taken: float | None
+    tmp_path: Path, settings: str, environ: dict[str, str], taken: float | str
 ) -> None:
     path = write(tmp_path, settings + MINIMAL)
 
-    if taken is None:
+    if isinstance(taken, str):
         with pytest.raises(ConfigError) as raised:
-            config.load(path, {})
-        assert str(raised.value).startswith(
-            f"{path}: database.busy_timeout: must be at most half of locks.lease"
+            config.load(path, environ)
+        assert str(raised.value) == (
+            f"{path}: database.busy_timeout: {taken}: a run waiting longer for"
+            " another writer could not renew its heartbeat, and the next run would"
+            " take it for dead"
         )
     else:
-        assert config.load(path, {}).database.busy_timeout == taken
+        assert config.load(path, environ).database.busy_timeout == taken
 
 
 def test_number_settings_at_the_ends_of_their_ranges_are_taken(

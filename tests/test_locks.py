@@ -449,7 +449,9 @@ GONE_OR_NOT = {
 }
 
 
-def test_runs_of_processes_that_are_gone_are_abandoned(engine: Engine) -> None:
+def test_runs_of_processes_that_are_gone_are_abandoned(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
     gone = dead_pid()
     with engine.begin() as connection:
         for name, (host, pid, silent_for, _) in GONE_OR_NOT.items():
@@ -466,7 +468,8 @@ def test_runs_of_processes_that_are_gone_are_abandoned(engine: Engine) -> None:
                 )
             )
 
-    abandoned = runs.abandon_dead_runs(engine, lease=60)
+    with caplog.at_level(logging.WARNING, logger="etl.runs"):
+        abandoned = runs.abandon_dead_runs(engine, lease=60)
 
     with engine.connect() as connection:
         rows = connection.execute(select_rows(sync_runs)).all()
@@ -474,6 +477,17 @@ def test_runs_of_processes_that_are_gone_are_abandoned(engine: Engine) -> None:
         name: case[-1] for name, case in GONE_OR_NOT.items()
     }
     assert abandoned == 3
+    # A live process that was silent is not said to be gone.
+    ids = {row.error: row.id for row in rows}
+    silent = "with no heartbeat for longer than the lease (60 s): abandoned"
+    assert sorted(caplog.messages) == sorted(
+        [
+            f"run {ids['other-host-silent']} was left running {silent}",
+            f"run {ids['this-host-dead-pid']} was left running by a process that"
+            " is gone: abandoned",
+            f"run {ids['this-host-live-pid-silent']} was left running {silent}",
+        ]
+    )
 
 
 def test_an_abandoned_run_counts_what_it_committed(engine: Engine) -> None:

@@ -164,8 +164,7 @@ class RunGuard:
         by that run's clock: the half left over is for the hosts' clocks to
         differ and for this commit to be made.
         """
-        if self.abandoned:
-            raise self.error()
+        self.check()
         mono, wall = self._proved
         half = self.lease / 2
         if time.monotonic() - mono < half and now() - wall < timedelta(seconds=half):
@@ -175,9 +174,9 @@ class RunGuard:
     def check(self) -> None:
         """Raise `RunAbandoned` if a write or a beat found the run abandoned."""
         if self.abandoned:
-            raise self.error()
+            raise self._error()
 
-    def error(self) -> RunAbandoned:
+    def _error(self) -> RunAbandoned:
         return abandoned_error(self.run_id, self.lease)
 
     def _beat_in(self, connection: Connection, moment: datetime) -> None:
@@ -190,7 +189,7 @@ class RunGuard:
         )
         if result.rowcount == 0:
             self.abandoned = True
-            raise self.error()
+            raise self._error()
 
 
 def _beat_is(moment: datetime | None) -> ColumnElement[bool]:

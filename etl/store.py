@@ -607,8 +607,11 @@ class PageWriter:
             # One statement each for all the pages: each is one more wait for
             # Python's lock, as the driver gives it up while the database works.
             rows = [row for plan in plans for row in plan.rows]
+            # In key order (see `_BY_UUID`); no two rows share a key.
+            rows.sort(key=_BY_UUID)
             _upsert_tasks(connection, rows, staged=self._stages_tasks)
             changes = [change for plan in plans for change in plan.changes]
+            changes.sort(key=_BY_TASK_UUID)
             if self._copies_changes:
                 _copy_changes(connection, changes)
             else:
@@ -630,6 +633,15 @@ class PageWriter:
         else:
             self._unsaved[run_id] = unsaved
         return plans
+
+
+# Uuids are random, so rows in the order listed land all over the indexes
+# keyed by them, and each commit wrote most of their pages anew. Sorted, the
+# rows of a transaction fill the pages they share one after another: on
+# SQLite, writing the pages of a first sync took 0.91 x the time (a median
+# of eight alternating rounds). PostgreSQL took as long either way.
+_BY_UUID = operator.itemgetter("uuid")
+_BY_TASK_UUID = operator.itemgetter("task_uuid")
 
 
 def not_written(

@@ -672,11 +672,11 @@ def _write_aside(
     if flagged:
         # Listed unchanged, a flagged task is not rewritten; but it was
         # observed now, which its flag must say, or a removal by the next
-        # complete walk would date its last sighting too early.
+        # complete walk would date its last sighting too early. Never back:
+        # another account's page may have observed it later.
         on_page = [task.uuid for task in listed if task.uuid in flagged]
-        _update_each(
-            connection, on_page, [_IS_FLAGGED], unlisted_after=batch.fetched_at
-        )
+        later = tasks.c.unlisted_after < batch.fetched_at
+        _update_each(connection, on_page, [later], unlisted_after=batch.fetched_at)
     # A group renamed changes the tasks that embed it, so the groups of the
     # tasks written are all that can need an upsert.
     found = _new_groups(plan.written, known)
@@ -881,6 +881,11 @@ def _plan(
         if task.uuid in unchanged:
             continue
         old = rows.get(task.uuid)
+        if old is not None and _listed_later(old, now):
+            # Another account's page, fetched after this one, was written
+            # first: this older listing would undo a newer one, and a change
+            # back to its status would be one the platform never made.
+            continue
         prepared = _prepare(driver, task)
         record = prepared.record
         if old is None:
@@ -889,10 +894,22 @@ def _plan(
             plan.changes.append(_change(run_id, record, "first_seen", None, at))
         elif old.removed_at is not None:
             plan.counts.restored += 1
-            plan.rows.append(_task_row(prepared, at, status_seen_at=at))
+            # The walk of the account a task moved from can settle its
+            # removal after another account's page listing it was fetched,
+            # and before that page is written: the restore is then observed
+            # when the removal was, never before the event it follows.
+            restored_at = driver.time(max(now, old.removed_at))
+            plan.rows.append(
+                _task_row(prepared, restored_at, status_seen_at=restored_at)
+            )
             plan.changes.append(
                 _change(
-                    run_id, record, "restored", None, at, driver.time(old.removed_at)
+                    run_id,
+                    record,
+                    "restored",
+                    None,
+                    restored_at,
+                    driver.time(old.removed_at),
                 )
             )
         else:
@@ -923,6 +940,18 @@ def _plan(
         plan.written.append(record)
     plan.counts.status_changes = len(plan.changes)
     return plan
+
+
+def _listed_later(old: _Stored, moment: datetime) -> bool:
+    """Whether the stored row holds a listing of the task made after
+    `moment`: its status first seen, or the task last observed listed, then.
+
+    A removal is no listing: a task listed again is restored (see `_plan`).
+    """
+    if old.removed_at is not None:
+        return False
+    last = old.unlisted_after or old.status_seen_at
+    return last is not None and last > moment
 
 
 class _DriverValues:

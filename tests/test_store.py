@@ -178,6 +178,96 @@ def test_removal_and_restore_both_show_in_history(engine: Engine) -> None:
     assert restored.old_seen_at == gone_at
 
 
+def test_a_restore_is_never_observed_before_the_removal_it_follows(
+    engine: Engine,
+) -> None:
+    # The walk of the account a task moved from settles its removal after
+    # another account's page listing it was fetched, and before that page
+    # is written.
+    write(engine, [item("a"), item("b")])
+    run_id = runs.start_run(engine, "sync")
+    missed_at, gone_at = T0 + timedelta(hours=1), T0 + timedelta(hours=2)
+    for settled_at, previous in ((missed_at, T0), (gone_at, missed_at)):
+        store.mark_removals(
+            engine, run_id, ACCOUNT, store.SeenIds(["a"]), settled_at, previous
+        )
+    fetched_before = gone_at - timedelta(minutes=5)
+
+    counts = write(engine, [item("b")], fetched_before)
+
+    assert counts.restored == 1
+    restored = only_event(engine, "restored")
+    assert (restored.old_seen_at, restored.observed_at) == (gone_at, gone_at)
+    row = task_row(engine, "b")
+    assert (row.removed_at, row.status_seen_at) == (None, gone_at)
+
+
+def test_an_older_listing_written_after_a_newer_one_changes_nothing(
+    engine: Engine,
+) -> None:
+    # Two accounts list the task: the page of one, fetched later, is
+    # written before the other's, fetched earlier.
+    write(engine, [item("a", 2)])
+    other = Account("main-1", "sub-2")
+    zone = ZoneInfo("Asia/Shanghai")
+    newer = parse_task(item("a", 1, name="newer"), other, zone)
+    later, between = T0 + timedelta(hours=2), T0 + timedelta(hours=1)
+    run_id = runs.start_run(engine, "sync")
+    page = PageBatch(other, "/agent-api/user/{user_id}/task", 1, later, [newer])
+    store.write_page(engine, run_id, page, None)
+
+    counts = write(engine, [item("a", 2, name="older")], between)
+
+    assert (counts.changed, counts.status_changes) == (0, 0)
+    assert history(engine, "a") == [("first_seen", None, 2), ("changed", 2, 1)]
+    row = task_row(engine, "a")
+    assert (row.status, row.name, row.sub_user_id) == (1, "newer", "sub-2")
+    assert row.status_seen_at == later
+
+
+def test_a_flagged_task_is_not_undone_by_an_older_listing(engine: Engine) -> None:
+    write(engine, [item("a", 2), item("b", 2)])
+    run_id = runs.start_run(engine, "sync")
+    # The walk before the one that missed it listed it, an hour after its
+    # status was first seen.
+    listed_at = T0 + timedelta(hours=1)
+    store.mark_removals(
+        engine,
+        run_id,
+        ACCOUNT,
+        store.SeenIds(["a"]),
+        T0 + timedelta(hours=2),
+        listed_at,
+    )
+    assert task_row(engine, "b").unlisted_after == listed_at
+
+    counts = write(engine, [item("b", 1)], listed_at - timedelta(minutes=5))
+
+    assert (counts.changed, counts.status_changes) == (0, 0)
+    row = task_row(engine, "b")
+    assert (row.status, row.unlisted_after) == (2, listed_at)
+
+
+def test_an_older_listing_of_a_flagged_task_keeps_its_later_sighting(
+    engine: Engine,
+) -> None:
+    write(engine, [item("a"), item("b")])
+    run_id = runs.start_run(engine, "sync")
+    listed_at = T0 + timedelta(hours=1)
+    store.mark_removals(
+        engine,
+        run_id,
+        ACCOUNT,
+        store.SeenIds(["a"]),
+        T0 + timedelta(hours=2),
+        listed_at,
+    )
+
+    write(engine, [item("b")], listed_at - timedelta(minutes=5))
+
+    assert task_row(engine, "b").unlisted_after == listed_at
+
+
 def test_a_task_one_complete_walk_missed_is_only_flagged(engine: Engine) -> None:
     write(engine, [item("a"), item("b")])
     run_id = runs.start_run(engine, "sync")

@@ -21,9 +21,10 @@ import itertools
 import json
 import platform
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,10 @@ class Collected:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options, json_path = parse_args(argv)
+    # Stopped by SIGTERM (`timeout`, a job runner) as by Ctrl-C: unwinding
+    # stops the simulator and the throwaway PostgreSQL cluster, which a
+    # plain exit left running.
+    signal.signal(signal.SIGTERM, _stop)
     print(describe_machine(options), flush=True)
     collected = Collected()
     reports, delays = [], []
@@ -134,24 +139,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _stop(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[Options, str | None]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
-    add("--tasks", default="10000,100000", help="data set sizes, comma-separated")
-    add("--repeat", type=int, default=3, help="runs per measurement")
+    add(
+        "--tasks",
+        type=_sizes,
+        default="10000,100000",
+        help="data set sizes, comma-separated",
+    )
+    add("--repeat", type=_at_least(1), default=3, help="runs per measurement")
     add("--databases", default="sqlite,postgresql", help="sqlite, postgresql")
     add("--modes", default="throughput,delay", help="throughput, delay")
-    add("--main-accounts", type=int, default=2)
-    add("--sub-accounts", type=int, default=4, help="per main account")
-    add("--parallelism", type=int, default=4, help="accounts walked at once")
-    add("--page-size", type=int, default=100)
-    add("--rate", type=float, default=10_000.0, help="requests/s, throughput runs")
+    add("--main-accounts", type=_at_least(1), default=2)
+    add("--sub-accounts", type=_at_least(0), default=4, help="per main account")
+    add("--parallelism", type=_at_least(1), default=4, help="accounts walked at once")
+    add("--page-size", type=_at_least(1), default=100)
+    add("--rate", type=_positive, default=10_000.0, help="requests/s, throughput runs")
     add("--no-dlt", action="store_true", help="leave dlt out")
-    add("--delay", type=float, default=0.05, help="server seconds per request")
-    add("--delay-rate", type=float, default=150.0, help="requests/s, delay mode")
-    add("--delay-tasks", type=int, default=1000, help="per account, delay mode")
+    add("--delay", type=_not_negative, default=0.05, help="server seconds per request")
+    add("--delay-rate", type=_positive, default=150.0, help="requests/s, delay mode")
+    add(
+        "--delay-tasks", type=_at_least(1), default=1000, help="per account, delay mode"
+    )
     add(
         "--postgresql-url",
         metavar="URL",
@@ -165,12 +181,18 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, str | None]:
     )
     add("--json", metavar="PATH", help="also write every sample as JSON")
     args = parser.parse_args(argv)
+    accounts = args.main_accounts * (1 + args.sub_accounts)
+    if min(args.tasks) < accounts:
+        parser.error(f"--tasks: each size must be at least the {accounts} accounts")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        # Found now, not after a run of many minutes.
+        parser.error(f"--json: no directory {Path(args.json).parent}")
 
     with_dlt = not args.no_dlt and _has_dlt()
     if not args.no_dlt and not with_dlt:
         print("dlt is not installed: its rows are left out", file=sys.stderr)
     options = Options(
-        sizes=tuple(int(size) for size in args.tasks.split(",")),
+        sizes=args.tasks,
         repeat=args.repeat,
         databases=_choices(parser, args.databases, ("sqlite", "postgresql")),
         modes=_choices(parser, args.modes, ("throughput", "delay")),
@@ -187,6 +209,45 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, str | None]:
         profile=args.profile,
     )
     return options, args.json
+
+
+def _at_least(least: int) -> Callable[[str], int]:
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}: {text}")
+        return value
+
+    return whole
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+
+
+def _positive(text: str) -> float:
+    value = _number(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0: {text}")
+    return value
+
+
+def _not_negative(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of 0 or more: {text}")
+    return value
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    size = _at_least(1)
+    return tuple(size(part) for part in text.split(","))
 
 
 def _choices(

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pgcluster import PgCluster
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
@@ -95,3 +98,93 @@ def test_benchmark_measures_both_databases_on_a_given_server(
             "SELECT datname FROM pg_database WHERE datname LIKE 'bench%'"
         ).fetchall()
     assert left == []
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--tasks", "abc"], "--tasks: not a whole number: abc"),
+        (["--tasks", "3"], "--tasks: each size must be at least the 10 accounts"),
+        (["--tasks", "0"], "--tasks: must be at least 1: 0"),
+        (["--repeat", "0"], "--repeat: must be at least 1: 0"),
+        (["--rate", "0"], "--rate: must be a number above 0: 0"),
+        (["--parallelism", "0"], "--parallelism: must be at least 1: 0"),
+        (["--main-accounts", "0"], "--main-accounts: must be at least 1: 0"),
+        (["--sub-accounts", "-1"], "--sub-accounts: must be at least 0: -1"),
+        (["--page-size", "0"], "--page-size: must be at least 1: 0"),
+        (["--delay", "-1"], "--delay: must be a number of 0 or more: -1"),
+        (["--delay-rate", "nan"], "--delay-rate: must be a number above 0: nan"),
+        (["--json", "/nonexistent-dir/b.json"], "--json: no directory"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_runs(
+    options: list[str], says: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *options],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 2
+    assert says in done.stderr.splitlines()[-1]
+    assert "Traceback" not in done.stderr
+    assert "machine:" not in done.stdout
+
+
+def children(pid: int) -> set[int]:
+    """The processes whose parent is `pid`, from /proc."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def is_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_benchmark_stopped_by_sigterm_stops_the_servers_it_started(
+    tmp_path: Path,
+) -> None:
+    bench = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--tasks", "2000", "--repeat", "3"]
+        + ["--databases", "sqlite", "--modes", "throughput", "--no-dlt"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # The simulator is the child it starts first; wait until it is up.
+        assert bench.stdout is not None
+        bench.stdout.readline()  # the machine line, printed before anything
+        deadline = time.monotonic() + 60
+        started: set[int] = set()
+        while not started and time.monotonic() < deadline:
+            started = children(bench.pid)
+            time.sleep(0.1)
+        assert started, "no child process started"
+        time.sleep(1)
+        # With the measurement running then, in a process of its own.
+        started |= children(bench.pid)
+        bench.send_signal(signal.SIGTERM)
+        bench.wait(timeout=60)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+
+    time.sleep(0.5)
+    assert not [pid for pid in started if is_running(pid)]
+    assert bench.returncode == 128 + signal.SIGTERM

@@ -133,26 +133,32 @@ def test_bad_arguments_are_refused_before_anything_runs(
     assert "machine:" not in done.stdout
 
 
+def state_and_parent(pid: int) -> tuple[str, int] | None:
+    """From /proc: the process's state letter and its parent's pid; None
+    once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # After the command name in parentheses, which may hold spaces.
+    state, parent = stat.rsplit(")", 1)[1].split()[:2]
+    return state, int(parent)
+
+
 def children(pid: int) -> set[int]:
-    """The processes whose parent is `pid`, from /proc."""
+    """The processes whose parent is `pid`."""
     found = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            known = state_and_parent(int(entry.name))
+            if known is not None and known[1] == pid:
                 found.add(int(entry.name))
     return found
 
 
 def is_running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    known = state_and_parent(pid)
+    return known is not None and known[0] != "Z"
 
 
 def test_a_benchmark_stopped_by_sigterm_stops_the_servers_it_started(

@@ -225,21 +225,22 @@ def test_an_older_listing_written_after_a_newer_one_changes_nothing(
     assert row.status_seen_at == later
 
 
-def test_a_flagged_task_is_not_undone_by_an_older_listing(engine: Engine) -> None:
+def flag_b(engine: Engine) -> datetime:
+    """Store tasks a and b, then have a complete walk miss b; when b was
+    last observed listed, by the walk before, an hour after its status was
+    first seen."""
     write(engine, [item("a", 2), item("b", 2)])
     run_id = runs.start_run(engine, "sync")
-    # The walk before the one that missed it listed it, an hour after its
-    # status was first seen.
     listed_at = T0 + timedelta(hours=1)
-    store.mark_removals(
-        engine,
-        run_id,
-        ACCOUNT,
-        store.SeenIds(["a"]),
-        T0 + timedelta(hours=2),
-        listed_at,
-    )
+    missed_at = T0 + timedelta(hours=2)
+    seen = store.SeenIds(["a"])
+    store.mark_removals(engine, run_id, ACCOUNT, seen, missed_at, listed_at)
     assert task_row(engine, "b").unlisted_after == listed_at
+    return listed_at
+
+
+def test_a_flagged_task_is_not_undone_by_an_older_listing(engine: Engine) -> None:
+    listed_at = flag_b(engine)
 
     counts = write(engine, [item("b", 1)], listed_at - timedelta(minutes=5))
 
@@ -251,17 +252,7 @@ def test_a_flagged_task_is_not_undone_by_an_older_listing(engine: Engine) -> Non
 def test_an_older_listing_of_a_flagged_task_keeps_its_later_sighting(
     engine: Engine,
 ) -> None:
-    write(engine, [item("a"), item("b")])
-    run_id = runs.start_run(engine, "sync")
-    listed_at = T0 + timedelta(hours=1)
-    store.mark_removals(
-        engine,
-        run_id,
-        ACCOUNT,
-        store.SeenIds(["a"]),
-        T0 + timedelta(hours=2),
-        listed_at,
-    )
+    listed_at = flag_b(engine)
 
     write(engine, [item("b")], listed_at - timedelta(minutes=5))
 
